@@ -1,0 +1,274 @@
+"""The Python API; one function per CLI command, each with its config dataclass.
+
+>>> import lookalike
+>>> lookalike.run("gallery/", "queries/", "results.csv")            # extract + index + search
+>>> lookalike.evaluate("results.csv", "labels.csv")["digix_score"]
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._io import write_json_atomic, write_text_atomic
+from .errors import LookalikeError
+from .extract import ExtractConfig, ExtractResult, Extractor, write_skipped_csv
+from .formats import NAIC_K, format_for_path, read_labels, read_results, write_results
+from .index import Collection, IndexConfig, build_index as _build_index, load_collection
+from .metrics import relevance_matrix, retrieval_metrics
+from .store import read_store
+
+log = logging.getLogger(__name__)
+
+
+def build_index(features, out_dir, factory: str = "Flat", image_root=None) -> Collection:
+    """``lookalike index``: faiss index from a feature store, saved to ``out_dir``."""
+    return _build_index(features, out_dir, IndexConfig(factory=factory), image_root=image_root)
+
+
+@dataclass
+class SearchConfig:
+    k: int | None = None  # default: 10, or 100 for NAIC
+    format: str | None = None  # digix | naic | csv; default from the output suffix
+    extract: dict | None = None  # overrides of the index's extract config for the queries
+
+
+@dataclass
+class SearchResult:
+    query_names: list[str]
+    scores: np.ndarray
+    indices: np.ndarray
+    gallery_names: list[str]
+    output: Path | None = None
+    format: str | None = None
+    extract: ExtractResult | None = None
+    seconds: float = 0.0
+
+    def ranked(self) -> list[list[str]]:
+        return [[self.gallery_names[j] for j in row if j >= 0] for row in self.indices]
+
+
+def _resolve_k(k: int | None, fmt: str, n_gallery: int) -> int:
+    if fmt == "naic":
+        want = min(NAIC_K, n_gallery)
+        if k is not None and k != want:
+            raise LookalikeError(f"NAIC results hold exactly {want} names per query; drop -k or use -k {want}")
+        return want
+    return 10 if k is None else k
+
+
+def _search_batched(col: Collection, q: np.ndarray, k: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm.auto import tqdm
+
+    step = 4096
+    scores = np.empty((len(q), k), np.float32)
+    idx = np.empty((len(q), k), np.int64)
+    with tqdm(total=len(q), unit="query", desc="search", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for s in range(0, len(q), step):
+            scores[s : s + step], idx[s : s + step] = col.search(q[s : s + step], k)
+            bar.update(min(step, len(q) - s))
+    return scores, idx
+
+
+def search(index_dir, queries=None, query_features=None, output=None, k: int | None = None, format: str | None = None,
+           workdir=None, progress: bool = False, collection: Collection | None = None, **extract_overrides) -> SearchResult:
+    """``lookalike search``: top-k gallery names for each query (images or a feature store)."""
+    t0 = time.perf_counter()
+    if (queries is None) == (query_features is None):
+        raise LookalikeError("give either --queries (images) or --query-features (a feature store), not both")
+    col = collection or load_collection(index_dir)
+    fmt = format_for_path(output, format) if output else (format or "csv")
+    k = _resolve_k(k, fmt, len(col))
+    if k > len(col):
+        raise LookalikeError(f"k={k} is larger than the gallery ({len(col)} images); use -k {len(col)} or less")
+    ext = None
+    if query_features is not None:
+        store = read_store(query_features)
+        names, feats, model_id = store.names, store.features, store.model_id
+        source = str(query_features)
+    else:
+        cfg = ExtractConfig.from_dict({**col.manifest.get("extract_config", {}), **extract_overrides})
+        if not col.manifest.get("extract_config") and not extract_overrides:
+            log.warning("index has no extract config; embedding queries with the defaults")
+        workdir = Path(workdir) if workdir else Path(index_dir) / "queries"
+        store_path = workdir / f"queries-{_path_key(queries)}-{cfg.fingerprint()}.h5"
+        ext = Extractor(cfg).extract(queries, store_path, progress=progress, label="queries")
+        names, feats, model_id, source = ext.names, ext.features, cfg.model_id(), str(queries)
+    col.check_queries(feats, model_id, source)
+    scores, idx = _search_batched(col, feats, k, progress)
+    res = SearchResult(list(names), scores, idx, col.names, None, fmt, ext)
+    if output:
+        write_results(output, fmt, names, col.names, scores, idx)
+        res.output = Path(output)
+        write_json_atomic(Path(output).with_name(Path(output).name + ".config.json"),
+                          {"command": "search", "index": str(index_dir), "queries": str(queries or query_features),
+                           **asdict(SearchConfig(k=k, format=fmt, extract=extract_overrides or None))})
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _path_key(path) -> str:
+    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:8]
+
+
+@dataclass
+class RunConfig:
+    gallery: str
+    queries: str
+    output: str
+    format: str | None = None
+    k: int | None = None
+    workdir: str | None = None
+    factory: str = "Flat"
+    extract: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    search: SearchResult
+    gallery: ExtractResult
+    index_dir: Path
+    workdir: Path
+    skipped_csv: Path
+    seconds: float
+
+    def summary(self) -> str:
+        q = self.search.extract
+        lines = [self.gallery.summary("gallery")]
+        if q is not None:
+            lines.append(q.summary("queries"))
+        lines.append(f"results: {len(self.search.query_names)} queries -> {self.search.output} ({self.search.format}), "
+                     f"{self.seconds:.1f} s in all")
+        n_skip = len(self.gallery.skipped) + (len(q.skipped) if q else 0)
+        if n_skip:
+            lines.append(f"skipped {n_skip} unreadable files: see {self.skipped_csv}")
+        return "\n".join(lines)
+
+
+def run(gallery, queries, output, format: str | None = None, k: int | None = None, workdir=None,
+        factory: str = "Flat", progress: bool = False, **extract_overrides) -> RunResult:
+    """``lookalike run``: extract gallery and queries, index the gallery, search, write results.
+
+    Features are cached in ``workdir`` (default: ``<output folder>/lookalike-work``) under the
+    fingerprint of the settings, so a rerun only extracts new images.
+    """
+    t0 = time.perf_counter()
+    output = Path(output)
+    fmt = format_for_path(output, format)
+    cfg = ExtractConfig.from_dict({**ExtractConfig().to_dict(), **extract_overrides})
+    workdir = Path(workdir) if workdir else output.parent / "lookalike-work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = RunConfig(str(gallery), str(queries), str(output), fmt, k, str(workdir), factory, cfg.to_dict())
+    fp = cfg.fingerprint()
+    extractor = Extractor(cfg)
+    g_store = workdir / f"gallery-{_path_key(gallery)}-{fp}.h5"
+    g = extractor.extract(gallery, g_store, progress=progress, label="gallery")
+    index_dir = workdir / f"index-{_path_key(gallery)}-{fp}-{hashlib.sha256(factory.encode()).hexdigest()[:6]}"
+    col = None
+    if index_dir.exists() and g.n_extracted == 0 and (index_dir / "manifest.json").exists():
+        col = load_collection(index_dir)
+        if col.names != g.names:
+            col = None
+    if col is None:
+        col = _build_index(read_store(g_store), index_dir, IndexConfig(factory=factory), image_root=str(Path(gallery).resolve()))
+    q_store = workdir / f"queries-{_path_key(queries)}-{fp}.h5"
+    q = extractor.extract(queries, q_store, progress=progress, label="queries")
+    col.check_queries(q.features, cfg.model_id(), str(queries))
+    kk = _resolve_k(k, fmt, len(col))
+    if kk > len(col):
+        raise LookalikeError(f"k={kk} is larger than the gallery ({len(col)} images); use -k {len(col)} or less")
+    scores, idx = _search_batched(col, q.features, kk, progress)
+    write_results(output, fmt, q.names, col.names, scores, idx)
+    sres = SearchResult(q.names, scores, idx, col.names, output, fmt, q)
+    skipped_csv = output.with_name("skipped.csv")
+    _write_run_skipped(skipped_csv, g.skipped, q.skipped)
+    write_json_atomic(output.with_name(output.name + ".config.json"), {"command": "run", **asdict(config)})
+    return RunResult(sres, g, index_dir, workdir, skipped_csv, time.perf_counter() - t0)
+
+
+def _write_run_skipped(path: Path, gallery_skipped, query_skipped) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["set", "image", "reason"])
+    for set_name, rows in (("gallery", gallery_skipped), ("queries", query_skipped)):
+        for name, reason in rows:
+            w.writerow([set_name, name, reason])
+    write_text_atomic(path, buf.getvalue())
+
+
+@dataclass
+class EvaluateConfig:
+    results: str
+    labels: str
+    k: int = 10
+    gallery: str | None = None
+    normalization: str = "min"
+
+
+def evaluate(results, labels, k: int = 10, gallery=None, normalization: str = "min", output_json=None,
+             per_query_csv=None) -> dict:
+    """``lookalike evaluate``: metrics of a results file against an ``image,label`` CSV.
+
+    The gallery (for counting relevant images) is ``gallery`` — an index folder, a feature store or
+    a text file of names — or, by default, every labelled image that is not a query.
+    """
+    ranked_by_q = read_results(results)
+    label_of = read_labels(labels)
+    queries = list(ranked_by_q)
+    missing = [q for q in queries if q not in label_of]
+    if missing:
+        raise LookalikeError(f"{labels}: no label for query {missing[0]!r}" +
+                             (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; add them or drop those queries")
+    missing_g = sorted({g for v in ranked_by_q.values() for g in v if g not in label_of})
+    if missing_g:
+        raise LookalikeError(f"{labels}: no label for gallery image {missing_g[0]!r}" +
+                             (f" and {len(missing_g) - 1} more" if len(missing_g) > 1 else "") + "; label every gallery image")
+    if gallery is not None:
+        gallery_names = _gallery_names(gallery)
+    else:
+        qs = set(queries)
+        gallery_names = [n for n in label_of if n not in qs]
+    counts: dict[str, int] = {}
+    for n in gallery_names:
+        lab = label_of.get(n)
+        if lab is not None:
+            counts[lab] = counts.get(lab, 0) + 1
+    q_labels = [label_of[q] for q in queries]
+    width = max(k, 10)
+    rel = relevance_matrix([ranked_by_q[q] for q in queries], q_labels, label_of, width)
+    n_rel = np.array([counts.get(lab, 0) for lab in q_labels])
+    summary, per_query = retrieval_metrics(rel, n_rel, k, normalization)
+    summary["results"] = str(results)
+    summary["labels"] = str(labels)
+    summary["gallery_size"] = len(gallery_names)
+    if output_json:
+        write_json_atomic(output_json, {**summary, "config": asdict(EvaluateConfig(str(results), str(labels), k,
+                                                                                     str(gallery) if gallery else None, normalization))})
+    if per_query_csv:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        cols = list(per_query)
+        w.writerow(["query", "label", *cols])
+        for i, q in enumerate(queries):
+            w.writerow([q, q_labels[i], *[f"{per_query[c][i]:.6g}" if isinstance(per_query[c][i], float) else per_query[c][i] for c in cols]])
+        write_text_atomic(per_query_csv, buf.getvalue())
+    return summary
+
+
+def _gallery_names(gallery) -> list[str]:
+    p = Path(gallery)
+    if p.is_dir() and (p / "names.json").exists():
+        import json
+
+        return json.loads((p / "names.json").read_text(encoding="utf-8"))
+    if p.suffix in (".h5", ".hdf5"):
+        return read_store(p).names
+    if p.is_file():
+        return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise LookalikeError(f"{gallery}: give an index folder, a feature store (.h5) or a text file of gallery names")

@@ -1,0 +1,182 @@
+"""The ``lookalike`` command line: one sub-command per verb, errors as one ``error: ...`` line."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import LookalikeError
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LookalikeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is saved; run the same command again to resume", err=True)
+            sys.exit(130)
+        except (OSError, MemoryError) as e:
+            click.echo(f"error: {type(e).__name__}: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def extract_options(fn):
+    opts = [
+        click.option("--model", default="lite0", show_default=True, help="Backbone: lite0, lite1, lite2 or package.module:factory."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state_dict) for the backbone."),
+        click.option("--pooling", default="gem", show_default=True, help="gap, mac, spoc or gem."),
+        click.option("--gem-p", type=float, default=3.0, show_default=True, help="GeM exponent."),
+        click.option("--image-size", type=int, default=224, show_default=True, help="Base input side in pixels."),
+        click.option("--resize", default="bucket", show_default=True, help="bucket (whole photo, aspect buckets), letterbox or crop."),
+        click.option("--tta", default="", help="Test-time augmentation: comma list of flip, multiscale."),
+        click.option("--engine", default="auto", show_default=True, help="auto, onnx (onnxruntime) or torch."),
+        click.option("--batch-size", type=int, default=32, show_default=True),
+        click.option("--workers", type=int, default=0, help="Decode threads (0 = number of cores)."),
+        click.option("--threads", type=int, default=0, help="Inference threads (0 = number of cores)."),
+        click.option("--float16", "float16", is_flag=True, help="Store features as float16."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _extract_kwargs(kw: dict) -> dict:
+    keys = ("model", "weights", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "batch_size", "workers", "threads")
+    out = {k: kw.pop(k) for k in keys}
+    out["dtype"] = "float16" if kw.pop("float16") else "float32"
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lookalike")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+def main(ctx, verbose, quiet):
+    """lookalike: find the gallery photos that show the same product or object."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose == 0:
+        logging.getLogger("lookalike.extract").setLevel(logging.ERROR)  # skipped files go to skipped.csv
+    ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
+
+
+@main.command()
+@click.argument("images", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Feature store (.h5) to write.")
+@extract_options
+@click.pass_obj
+@_handle_errors
+def extract(obj, images, output, **kw):
+    """Extract features of IMAGES (folder or list file) into a feature store; resumes if interrupted."""
+    from .extract import Extractor
+
+    ex = Extractor(**_extract_kwargs(kw))
+    res = ex.extract(images, output, progress=obj["progress"])
+    click.echo(res.summary(Path(images).name or "images"))
+    if res.skipped:
+        click.echo(f"skipped files and reasons: {Path(output).with_name(Path(output).stem + '.skipped.csv')}")
+
+
+@main.command()
+@click.argument("features", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
+@click.option("--factory", default="Flat", show_default=True, help="faiss index_factory string (Flat, HNSW32, IVF1024,PQ32, ...).")
+@click.option("--image-root", type=click.Path(file_okay=False), default=None, help="Folder of the gallery images (for serving).")
+@_handle_errors
+def index(features, output, factory, image_root):
+    """Build a faiss index folder from a feature store."""
+    from .api import build_index
+
+    col = build_index(features, output, factory, image_root=image_root)
+    click.echo(f"index: {len(col)} vectors of dimension {col.dim} ({factory}) -> {output}")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option("--queries", type=click.Path(), default=None, help="Query images (folder or list file).")
+@click.option("--query-features", type=click.Path(dir_okay=False), default=None, help="Query feature store (.h5).")
+@click.option("-k", type=int, default=None, help="Results per query (default 10; NAIC: 100).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", default=None, help="digix, naic or csv (default: from the suffix, .json = naic).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where query features are cached.")
+@click.pass_obj
+@_handle_errors
+def search(obj, index_dir, queries, query_features, k, output, fmt, workdir):
+    """Search INDEX_DIR with query images or query features and write a results file."""
+    from .api import search as _search
+
+    res = _search(index_dir, queries=queries, query_features=query_features, output=output, k=k, format=fmt,
+                  workdir=workdir, progress=obj["progress"])
+    if res.extract is not None:
+        click.echo(res.extract.summary("queries"))
+    click.echo(f"results: {len(res.query_names)} queries -> {output} ({res.format}) in {res.seconds:.1f} s")
+
+
+@main.command()
+@click.option("--gallery", required=True, type=click.Path(), help="Gallery images (folder or list file).")
+@click.option("--queries", required=True, type=click.Path(), help="Query images (folder or list file).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Results file.")
+@click.option("--format", "fmt", default=None, help="digix, naic or csv (default: from the suffix, .json = naic).")
+@click.option("-k", type=int, default=None, help="Results per query (default 10; NAIC: 100).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Cache of features and index (default: beside the output).")
+@click.option("--factory", default="Flat", show_default=True, help="faiss index_factory string.")
+@extract_options
+@click.pass_obj
+@_handle_errors
+def run(obj, gallery, queries, output, fmt, k, workdir, factory, **kw):
+    """Extract, index and search in one go; a rerun reuses cached features."""
+    from .api import run as _run
+
+    res = _run(gallery, queries, output, format=fmt, k=k, workdir=workdir, factory=factory,
+               progress=obj["progress"], **_extract_kwargs(kw))
+    click.echo(res.summary())
+
+
+@main.command()
+@click.argument("results", type=click.Path())
+@click.option("--labels", required=True, type=click.Path(dir_okay=False), help="CSV with columns image,label.")
+@click.option("-k", type=int, default=10, show_default=True, help="Cut-off for mAP@k.")
+@click.option("--gallery", type=click.Path(), default=None, help="Index folder, feature store or names file of the gallery.")
+@click.option("--ap-normalization", type=str, default="min", show_default=True,
+              help="min: divide AP by min(#relevant, k) (DIGIX); hits: by relevant found in the top k.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Metrics JSON (default: RESULTS.metrics.json).")
+@_handle_errors
+def evaluate(results, labels, k, gallery, ap_normalization, output):
+    """Score a results file (DIGIX, NAIC or CSV) against labels: top-1, mAP@k, DIGIX score, recall@k."""
+    from .api import evaluate as _evaluate
+
+    out = Path(output) if output else Path(str(results) + ".metrics.json")
+    per_query = out.with_suffix(".per_query.csv") if output else Path(str(results) + ".per_query.csv")
+    m = _evaluate(results, labels, k=k, gallery=gallery, normalization=ap_normalization, output_json=out, per_query_csv=per_query)
+    keys = ["queries", "top1", f"mAP@{k}", "mAP@10", "digix_score", "recall@1", "recall@5", "recall@10"]
+    click.echo("  ".join(f"{key}={m[key]:.4f}" if isinstance(m[key], float) else f"{key}={m[key]}" for key in dict.fromkeys(keys)))
+    click.echo(f"metrics: {out}  per query: {per_query}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--variants", type=int, default=3, show_default=True, help="Query photos made per gallery photo.")
+@_handle_errors
+def sample(directory, variants):
+    """Write a small demo set (gallery/, queries/, labels.csv) from the photos scikit-image ships."""
+    from .sample import make_sample
+
+    info = make_sample(directory, variants=variants)
+    click.echo(f"sample: {info['gallery']} gallery and {info['queries']} query photos in {directory} "
+               f"(labels: {Path(directory) / 'labels.csv'})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

