@@ -44,6 +44,7 @@ def extract_options(fn):
         click.option("--batch-size", type=int, default=32, show_default=True),
         click.option("--workers", type=int, default=0, help="Decode threads (0 = number of cores)."),
         click.option("--threads", type=int, default=0, help="Inference threads (0 = number of cores)."),
+        click.option("--chunk-size", type=int, default=256, show_default=True, help="Images per saved chunk (resume granularity)."),
         click.option("--float16", "float16", is_flag=True, help="Store features as float16."),
     ]
     for o in reversed(opts):
@@ -52,7 +53,7 @@ def extract_options(fn):
 
 
 def _extract_kwargs(kw: dict) -> dict:
-    keys = ("model", "weights", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "batch_size", "workers", "threads")
+    keys = ("model", "weights", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "batch_size", "workers", "threads", "chunk_size")
     out = {k: kw.pop(k) for k in keys}
     out["dtype"] = "float16" if kw.pop("float16") else "float32"
     return out

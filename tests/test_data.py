@@ -1,0 +1,110 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_photo
+from lookalike.data import BadImage, Preprocess, list_images, load_image
+from lookalike.errors import LookalikeError
+
+
+def _exif_rotated_jpeg(path, orientation=6):
+    im = make_photo(3, (120, 60))  # wide as stored
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # 6 = rotate 90° clockwise when displayed
+    im.save(path, exif=exif)
+
+
+def test_modes_and_formats(tmp_path):
+    base = make_photo(1, (64, 48))
+    base.save(tmp_path / "a.png")
+    base.save(tmp_path / "b.webp")
+    base.save(tmp_path / "c.bmp")
+    base.save(tmp_path / "d.tiff")
+    base.convert("P").save(tmp_path / "e.gif")
+    base.convert("CMYK").save(tmp_path / "f.jpg")
+    base.convert("L").save(tmp_path / "g.png")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(0)  # fully transparent -> white
+    rgba.save(tmp_path / "h.png")
+    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(tmp_path / "i16.png")
+    for name in ["a.png", "b.webp", "c.bmp", "d.tiff", "e.gif", "f.jpg", "g.png", "h.png", "i16.png"]:
+        im = load_image(tmp_path / name)
+        assert im.mode == "RGB" and im.size == (64, 48), name
+    assert np.asarray(load_image(tmp_path / "h.png")).min() == 255
+    a16 = np.asarray(load_image(tmp_path / "i16.png"))[..., 0]
+    assert a16.max() > 200 and a16.min() == 0  # scaled from 16 bit, not clipped to white
+
+
+def test_exif_orientation(tmp_path):
+    _exif_rotated_jpeg(tmp_path / "r.jpg")
+    assert Image.open(tmp_path / "r.jpg").size == (120, 60)
+    assert load_image(tmp_path / "r.jpg").size == (60, 120)
+
+
+def test_bad_files_have_reasons(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, I am not a photo")
+    buf = io.BytesIO()
+    make_photo(2, (200, 200)).save(buf, "JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    reasons = {}
+    for n in ["empty.jpg", "text.jpg", "trunc.jpg"]:
+        with pytest.raises(BadImage) as e:
+            load_image(tmp_path / n)
+        reasons[n] = str(e.value)
+    assert "empty" in reasons["empty.jpg"]
+    assert "not an image" in reasons["text.jpg"]
+    assert "truncated" in reasons["trunc.jpg"]
+
+
+def test_decompression_bomb_guard_kept(tmp_path, monkeypatch):
+    make_photo(2, (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BadImage, match="decompression"):
+        load_image(tmp_path / "big.png")
+
+
+def test_reduced_jpeg_decode(tmp_path):
+    make_photo(4, (2000, 1500)).save(tmp_path / "big.jpg", quality=90)
+    full = load_image(tmp_path / "big.jpg")
+    small = load_image(tmp_path / "big.jpg", min_side=224)
+    assert full.size == (2000, 1500)
+    assert small.size == (500, 375)  # 1/4 scale: the smallest whose sides both stay >= 224
+
+
+def test_list_images(tmp_path):
+    (tmp_path / "sub").mkdir()
+    make_photo(1).save(tmp_path / "sub" / "x.JPG")
+    make_photo(1).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / ".hidden.jpg").write_text("ignored")
+    names = [e.name for e in list_images(tmp_path)]
+    assert names == ["a.png", "sub/x.JPG"]
+    lst = tmp_path / "list.txt"
+    lst.write_text("sub/x.JPG\n\na.png\n")
+    assert [e.name for e in list_images(lst)] == ["sub/x.JPG", "a.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LookalikeError, match="no images found"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(LookalikeError, match="no such"):
+        list_images(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("w,h", [(300, 150), (150, 300), (200, 200), (640, 480), (480, 640)])
+def test_bucket_keeps_whole_photo(w, h):
+    pre = Preprocess(224, "bucket")
+    img = Image.new("RGB", (w, h), (200, 10, 10))
+    out = pre(img)
+    assert out.shape[0] % 32 == 0 and out.shape[1] % 32 == 0
+    red = (out[..., 0] == 200).sum()
+    # the whole photo is in the array (resized) and the padding is small
+    assert red / (out.shape[0] * out.shape[1]) > 0.7
+    assert abs(out.shape[0] * out.shape[1] - 224 * 224) / (224 * 224) < 0.2
+
+
+def test_crop_mode_cuts_borders():
+    pre = Preprocess(224, "crop")
+    out = pre(Image.new("RGB", (400, 200)))
+    assert out.shape == (224, 224, 3)
