@@ -1,0 +1,112 @@
+"""Extraction speed: lookalike's pipeline against a naive one, measured in the same run.
+
+- naive: per image, PIL decode + resize/crop, eager PyTorch forward with batch 1 (the usual script);
+- model only: onnxruntime on ready uint8 batches (no decoding) — the ceiling for the pipeline;
+- lookalike: files on disk -> L2-normalised features (threaded decode, buckets, onnxruntime).
+Also: decode time of large (2000 px) JPEGs with and without reduced-size (draft) decoding.
+
+    python benchmarks/extract.py --data ../shared/datasets/grocery_store --n 1024
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lookalike import Extractor
+from lookalike.data import load_image
+
+
+def images_from(root: Path, n: int) -> list[Path]:
+    paths = sorted(p for p in root.rglob("*.jpg"))
+    rng = np.random.default_rng(0)
+    return [paths[i] for i in sorted(rng.choice(len(paths), min(n, len(paths)), replace=False))]
+
+
+def naive_rate(paths: list[Path], threads: int) -> float:
+    """The pipeline found in most competition repos: one image at a time, eager PyTorch."""
+    import torch
+
+    from lookalike.models import Embedder, create_backbone
+
+    torch.set_num_threads(threads)
+    model = Embedder(create_backbone("lite0").module, "gap").eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for p in paths:
+            im = Image.open(p).convert("RGB")
+            w, h = im.size
+            f = 256 / min(w, h)
+            im = im.resize((round(w * f), round(h * f)), Image.Resampling.BILINEAR)
+            left, top = (im.width - 224) // 2, (im.height - 224) // 2
+            x = torch.from_numpy(np.asarray(im.crop((left, top, left + 224, top + 224))).copy())[None]
+            model(x)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def model_only_rate(ex: Extractor, n: int, batch: int) -> float:
+    runner = ex.runner
+    x = np.random.default_rng(0).integers(0, 255, (batch, 224, 224, 3), dtype=np.uint8)
+    runner(x)  # warm-up
+    t0 = time.perf_counter()
+    done = 0
+    while done < n:
+        runner(x)
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
+def decode_times(tmp: Path, n: int = 20) -> tuple[float, float]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((2000, 1500), Image.Resampling.BICUBIC)
+        p = tmp / f"big_{i}.jpg"
+        im.save(p, quality=90)
+        paths.append(p)
+    out = []
+    for side in (None, 320):
+        t0 = time.perf_counter()
+        for p in paths:
+            load_image(p, min_side=side)
+        out.append((time.perf_counter() - t0) / n * 1000)
+    return out[0], out[1]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/datasets/grocery_store/images")
+    ap.add_argument("--n", type=int, default=1024, help="images for the pipeline runs")
+    ap.add_argument("--n-naive", type=int, default=128, help="images for the (slow) naive run")
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    threads = os.cpu_count() or 1
+    root = Path(args.data)
+    paths = images_from(root, args.n)
+    print(f"{len(paths)} images from {root}, {threads} threads, batch {args.batch}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        listing = tmp / "list.txt"
+        listing.write_text("".join(f"{p.resolve()}\n" for p in paths))
+        ex = Extractor(pooling="gem", batch_size=args.batch)
+        model = model_only_rate(ex, args.n, args.batch)
+        t0 = time.perf_counter()
+        res = ex.extract(listing, None, progress=False)
+        pipe = len(res.names) / (time.perf_counter() - t0)
+        naive = naive_rate(paths[: args.n_naive], threads)
+        full_ms, draft_ms = decode_times(tmp)
+    print(f"naive per-image eager PyTorch + PIL : {naive:8.1f} img/s   1.00x")
+    print(f"onnxruntime model only (no decode)  : {model:8.1f} img/s   {model / naive:5.2f}x")
+    print(f"lookalike end to end (files->feats) : {pipe:8.1f} img/s   {pipe / naive:5.2f}x naive, "
+          f"{pipe / model:.0%} of model-only")
+    print(f"decode 2000x1500 JPEG: full {full_ms:.1f} ms, reduced (draft) {draft_ms:.1f} ms, {full_ms / draft_ms:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()
