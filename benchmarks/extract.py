@@ -29,13 +29,14 @@ def images_from(root: Path, n: int) -> list[Path]:
 
 
 def naive_rate(paths: list[Path], threads: int) -> float:
-    """The pipeline found in most competition repos: one image at a time, eager PyTorch."""
+    """The pipeline found in most competition repos: one image at a time, PIL resize + centre crop,
+    a ToTensor/Normalize-style contiguous NCHW float tensor, eager PyTorch, global average pooling."""
     import torch
 
-    from lookalike.models import Embedder, create_backbone
+    from lookalike.models import create_backbone
 
     torch.set_num_threads(threads)
-    model = Embedder(create_backbone("lite0").module, "gap").eval()
+    backbone = create_backbone("lite0").module.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         for p in paths:
@@ -44,8 +45,10 @@ def naive_rate(paths: list[Path], threads: int) -> float:
             f = 256 / min(w, h)
             im = im.resize((round(w * f), round(h * f)), Image.Resampling.BILINEAR)
             left, top = (im.width - 224) // 2, (im.height - 224) // 2
-            x = torch.from_numpy(np.asarray(im.crop((left, top, left + 224, top + 224))).copy())[None]
-            model(x)
+            a = (np.asarray(im.crop((left, top, left + 224, top + 224)), dtype=np.float32) - 127.0) / 128.0
+            x = torch.from_numpy(a).permute(2, 0, 1).contiguous()[None]
+            feat = backbone(x).mean(dim=(2, 3))
+            torch.nn.functional.normalize(feat, dim=1)
     return len(paths) / (time.perf_counter() - t0)
 
 
@@ -94,17 +97,33 @@ def main():
         tmp = Path(tmp)
         listing = tmp / "list.txt"
         listing.write_text("".join(f"{p.resolve()}\n" for p in paths))
-        ex = Extractor(pooling="gem", batch_size=args.batch)
+        ex = Extractor(pooling="spoc", batch_size=args.batch)
+        naive_before = naive_rate(paths[: args.n_naive], threads)
         model = model_only_rate(ex, args.n, args.batch)
         t0 = time.perf_counter()
         res = ex.extract(listing, None, progress=False)
         pipe = len(res.names) / (time.perf_counter() - t0)
-        naive = naive_rate(paths[: args.n_naive], threads)
+        bf16 = None
+        try:
+            import openvino  # noqa: F401
+
+            ex16 = Extractor(pooling="spoc", batch_size=args.batch, precision="bf16")
+            model16 = model_only_rate(ex16, args.n, args.batch)
+            t0 = time.perf_counter()
+            ex16.extract(listing, None, progress=False)
+            bf16 = (model16, len(paths) / (time.perf_counter() - t0))
+        except ImportError:
+            pass
+        naive = (naive_before + naive_rate(paths[args.n_naive : 2 * args.n_naive], threads)) / 2  # before and after
         full_ms, draft_ms = decode_times(tmp)
     print(f"naive per-image eager PyTorch + PIL : {naive:8.1f} img/s   1.00x")
     print(f"onnxruntime model only (no decode)  : {model:8.1f} img/s   {model / naive:5.2f}x")
     print(f"lookalike end to end (files->feats) : {pipe:8.1f} img/s   {pipe / naive:5.2f}x naive, "
           f"{pipe / model:.0%} of model-only")
+    if bf16:
+        print(f"openvino bf16 model only (no decode): {bf16[0]:8.1f} img/s   {bf16[0] / naive:5.2f}x")
+        print(f"lookalike --precision bf16 end to end: {bf16[1]:8.1f} img/s   {bf16[1] / naive:5.2f}x naive, "
+              f"{bf16[1] / bf16[0]:.0%} of its model-only, {bf16[1] / model:.0%} of onnxruntime model-only")
     print(f"decode 2000x1500 JPEG: full {full_ms:.1f} ms, reduced (draft) {draft_ms:.1f} ms, {full_ms / draft_ms:.1f}x faster")
 
 

@@ -30,6 +30,7 @@ CONFIGS = {
     "mac, bucket 224": dict(pooling="mac"),
     "spoc, bucket 224": dict(pooling="spoc"),
     "gem, bucket 224": dict(pooling="gem"),
+    "spoc, bucket 224, bf16 (openvino)": dict(pooling="spoc", precision="bf16"),
     "gap, bucket 256": dict(pooling="gap", image_size=256),
     "spoc, bucket 256": dict(pooling="spoc", image_size=256),
     "gap, bucket 288": dict(pooling="gap", image_size=288),

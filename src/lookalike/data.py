@@ -107,7 +107,8 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
                 if min_side and im.format == "JPEG":
                     im.draft("RGB", (min_side, min_side))
                 im.load()
-                im = ImageOps.exif_transpose(im)
+                if im.getexif().get(0x0112, 1) != 1:  # transposing copies the image: only when needed
+                    im = ImageOps.exif_transpose(im)
                 return _to_rgb(im)
     except BadImage:
         raise
@@ -183,6 +184,8 @@ class Preprocess:
         f = min(bw / w, bh / h)
         nw, nh = max(1, min(bw, round(w * f))), max(1, min(bh, round(h * f)))
         img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        if (nh, nw) == (bh, bw):
+            return np.asarray(img)
         out = np.full((bh, bw, 3), PAD_VALUE, dtype=np.uint8)
         top, left = (bh - nh) // 2, (bw - nw) // 2
         out[top : top + nh, left : left + nw] = np.asarray(img)

@@ -195,7 +195,7 @@ def weights_digest(path: str | None) -> str:
 class Embedder(nn.Module):
     """uint8 (N, H, W, 3) images -> pooled float descriptors (N, C); not L2-normalised."""
 
-    def __init__(self, backbone: nn.Module, pooling: str = "gem", gem_p: float = 3.0):
+    def __init__(self, backbone: nn.Module, pooling: str = "spoc", gem_p: float = 3.0):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
