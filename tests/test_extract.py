@@ -49,7 +49,7 @@ def test_extract_store_skips_and_reuses(tmp_path):
     st = read_store(out)
     assert st.names == sorted(st.names) and len(st.names) == 6
     assert st.features.dtype == np.float32 and st.features.shape == (6, 1280)
-    assert st.fingerprint == ex.config.fingerprint() and st.attrs["pooling"] == "gem"
+    assert st.fingerprint == ex.config.fingerprint() and st.attrs["pooling"] == "spoc"
     assert st.skipped == [("bad.jpg", "not an image Pillow can read (unknown or corrupt format)")]
     assert (tmp_path / "f.skipped.csv").read_text().count("bad.jpg") == 1
     # rerun: nothing recomputed; a new image: only it is extracted
