@@ -101,3 +101,23 @@ def test_kill9_then_resume(tmp_path):
     ref = read_store(tmp_path / "fresh.h5")
     assert st.names == ref.names
     assert np.abs(st.features - ref.features).max() < 1e-4
+
+
+def test_openvino_engine_matches_onnxruntime():
+    pytest.importorskip("openvino")
+    images = [make_photo(i, (160, 120)) for i in range(6)]
+    ref = Extractor(image_size=96, engine="onnx").embed_images(images)
+    f32 = Extractor(image_size=96, engine="openvino").embed_images(images)
+    assert (ref * f32).sum(1).min() > 0.9999
+    bf16 = Extractor(image_size=96, precision="bf16")
+    assert bf16.config.engine == "openvino" and bf16.config.fingerprint() != Extractor(image_size=96).config.fingerprint()
+    assert (ref * bf16.embed_images(images)).sum(1).min() > 0.97
+
+
+def test_unknown_engine_and_precision():
+    with pytest.raises(LookalikeError, match="unknown engine"):
+        ExtractConfig(engine="tensorrt")
+    with pytest.raises(LookalikeError, match="unknown precision"):
+        ExtractConfig(precision="int4")
+    with pytest.raises(LookalikeError, match="unknown TTA"):
+        ExtractConfig(tta="rotate")
