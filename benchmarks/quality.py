@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +83,7 @@ def main():
         if args.only and name not in args.only:
             continue
         ex = Extractor(**over)
-        t0 = time.perf_counter()
         res = ex.extract(listing, work / f"{ex.config.fingerprint()}.h5", progress=False)
-        secs = time.perf_counter() - t0
         pos = {n: i for i, n in enumerate(res.names)}
         qf = res.features[[pos[n] for n in q_names]]
         gf = res.features[[pos[n] for n in g_names]]

@@ -64,7 +64,7 @@ def test_extract_store_skips_and_reuses(tmp_path):
     with pytest.raises(LookalikeError, match="other settings"):
         Extractor(image_size=64, pooling="mac").extract(tmp_path / "imgs", out, progress=False)
     # float16 storage
-    r4 = Extractor(image_size=64, dtype="float16").extract(tmp_path / "imgs", tmp_path / "h.h5", progress=False)
+    Extractor(image_size=64, dtype="float16").extract(tmp_path / "imgs", tmp_path / "h.h5", progress=False)
     import h5py
 
     with h5py.File(tmp_path / "h.h5") as f:
@@ -97,7 +97,7 @@ def test_kill9_then_resume(tmp_path):
     st = read_store(out)
     assert len(st.names) == 240 and not parts.exists()
     # same features as a clean, uninterrupted run
-    fresh = Extractor(image_size=160, batch_size=8).extract(imgs, tmp_path / "fresh.h5", progress=False)
+    Extractor(image_size=160, batch_size=8).extract(imgs, tmp_path / "fresh.h5", progress=False)
     ref = read_store(tmp_path / "fresh.h5")
     assert st.names == ref.names
     assert np.abs(st.features - ref.features).max() < 1e-4

@@ -18,7 +18,7 @@ import numpy as np
 
 from ._io import write_json_atomic, write_text_atomic
 from .errors import LookalikeError
-from .extract import ExtractConfig, ExtractResult, Extractor, write_skipped_csv
+from .extract import ExtractConfig, ExtractResult, Extractor
 from .formats import NAIC_K, format_for_path, read_labels, read_results, write_results
 from .index import Collection, IndexConfig, build_index as _build_index, load_collection
 from .metrics import relevance_matrix, retrieval_metrics

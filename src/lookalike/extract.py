@@ -347,6 +347,7 @@ class Extractor:
         output = Path(output) if output else None
         have: dict[str, tuple[object, int]] = {}  # name -> (array, row)
         prior_names: list[str] = []
+        prior_skipped: list[tuple[str, str]] = []
         if output is not None and output.exists():
             attrs = read_attrs(output)
             if attrs.get("fingerprint") != fp:
@@ -355,7 +356,7 @@ class Extractor:
                     f"{attrs.get('pooling')}, fingerprint {attrs.get('fingerprint')}); delete it or use another -o"
                 )
             store = read_store(output, dtype=np.float32)
-            prior_names = store.names
+            prior_names, prior_skipped = store.names, store.skipped
             for i, n in enumerate(store.names):
                 have[n] = (store.features, i)
         parts_dir = output.with_name(output.name + ".parts") if output else None
@@ -413,12 +414,9 @@ class Extractor:
             features[i] = arr[row]
         result.features = features
         if output is not None:
-            changed = n_new > 0 or names != prior_names or next_part > 0
+            changed = n_new > 0 or names != prior_names or next_part > 0 or sorted(prior_skipped) != sorted(skipped)
             if changed or not output.exists():
-                attrs = self.store_attrs()
-                write_store(output, names, features, attrs, skipped, dtype=c.dtype)
-            else:
-                self._rewrite_skipped_if_needed(output, skipped)
+                write_store(output, names, features, self.store_attrs(), skipped, dtype=c.dtype)
             if parts_dir is not None and parts_dir.exists():
                 shutil.rmtree(parts_dir, ignore_errors=True)
             write_skipped_csv(output.with_name(output.stem + ".skipped.csv"), skipped)
@@ -430,11 +428,6 @@ class Extractor:
         return dict(fingerprint=c.fingerprint(), model_id=c.model_id(), model=c.model, pooling=c.pooling,
                     preprocess=json.dumps(c.preprocess.to_dict()), config=json.dumps(c.to_dict()),
                     created_by=f"lookalike {__version__}")
-
-    def _rewrite_skipped_if_needed(self, output: Path, skipped):
-        store = read_store(output)
-        if sorted(store.skipped) != sorted(skipped):
-            write_store(output, store.names, store.features, store.attrs, skipped, dtype=self.config.dtype)
 
     @staticmethod
     def _write_part(path: Path, names: list[str], feats: np.ndarray) -> None:
