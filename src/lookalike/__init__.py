@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 from .api import build_index, evaluate, run, search  # noqa: E402
 from .errors import LookalikeError  # noqa: E402
 from .extract import ExtractConfig, Extractor, extract  # noqa: E402
+from .sample import make_sample  # noqa: E402
 
-__all__ = ["ExtractConfig", "Extractor", "LookalikeError", "build_index", "evaluate", "extract", "run", "search"]
+__all__ = ["ExtractConfig", "Extractor", "LookalikeError", "build_index", "evaluate", "extract", "make_sample", "run", "search"]

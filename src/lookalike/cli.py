@@ -26,6 +26,12 @@ def _handle_errors(fn):
         except (OSError, MemoryError) as e:
             click.echo(f"error: {type(e).__name__}: {e}", err=True)
             sys.exit(1)
+        except Exception as e:  # a bug: one line by default, the traceback with -vv
+            if logging.getLogger().level <= logging.DEBUG:
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"error: unexpected {type(e).__name__}: {msg} (please report it; -vv shows the traceback)", err=True)
+            sys.exit(1)
 
     return wrapper
 
