@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+
+from lookalike.errors import LookalikeError
+from lookalike.metrics import retrieval_metrics
+from lookalike.postprocess import PCAWhitening, alpha_qe, dba, k_reciprocal_rerank, l2n
+
+
+def clustered(n_q, n_g, d=32, n_clusters=200, noise=0.7, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, d))
+    lq = rng.integers(0, n_clusters, n_q)
+    lg = rng.integers(0, n_clusters, n_g)
+    q = l2n(centres[lq] + noise * rng.normal(size=(n_q, d)))
+    g = l2n(centres[lg] + noise * rng.normal(size=(n_g, d)))
+    return q, g, lq, lg
+
+
+def dense_k_reciprocal(q, g, k1=20, k2=6, lam=0.3):
+    """Straightforward dense reference of the same definition (loops, full n x n matrices)."""
+    x = np.concatenate([q, g]).astype(np.float64)
+    n, nq = len(x), len(q)
+    dist = 2 - 2 * (x @ x.T)
+    rank = np.argsort(dist, axis=1, kind="stable")
+
+    def recip(i, kk):
+        fwd = rank[i, : kk + 1]
+        return np.array([j for j in fwd if i in rank[j, : kk + 1]], dtype=int)
+
+    V = np.zeros((n, n))
+    kh = int(np.around(k1 / 2))
+    for i in range(n):
+        R = recip(i, k1)
+        E = set(R.tolist())
+        for c in R:
+            Rc = recip(c, kh)
+            if len(np.intersect1d(Rc, R)) > 2 / 3 * len(Rc):
+                E.update(Rc.tolist())
+        E = np.array(sorted(E))
+        w = np.exp(-dist[i, E])
+        V[i, E] = w / w.sum()
+    if k2 > 1:
+        V = np.stack([V[rank[i, :k2]].mean(0) for i in range(n)])
+    final = np.zeros((nq, n - nq))
+    Vg = V[nq:]
+    for i in range(nq):
+        t = np.nonzero(V[i])[0]  # only the support of the query row can contribute to the minimum
+        mins = np.minimum(V[i, t][None, :], Vg[:, t]).sum(1)
+        jac = 1 - mins / (2 - mins)
+        final[i] = (1 - lam) * jac + lam * dist[i, nq:]
+    return final
+
+
+def test_sparse_k_reciprocal_matches_dense_reference():
+    q, g, lq, lg = clustered(2000, 8000, d=64, n_clusters=800, noise=1.2, seed=1)
+    scores, ids = k_reciprocal_rerank(q, g, k=10, k1=20, k2=6, lambda_value=0.3)
+    ref = dense_k_reciprocal(q, g)
+    ref_ids = np.argsort(ref, axis=1, kind="stable")[:, :10]
+    same = (ids == ref_ids).all(1).mean()
+    assert same >= 0.99, same
+    assert np.allclose(-scores, np.take_along_axis(ref, ids, 1), atol=1e-4)
+    n_rel = np.array([(lg == l).sum() for l in lq])
+    m_sparse = retrieval_metrics(lg[ids] == lq[:, None], n_rel)[0]["mAP@10"]
+    m_dense = retrieval_metrics(lg[ref_ids] == lq[:, None], n_rel)[0]["mAP@10"]
+    assert abs(m_sparse - m_dense) <= 1e-4
+    # and it helps on clustered data
+    base = np.argsort(-(q @ g.T), axis=1)[:, :10]
+    m_base = retrieval_metrics(lg[base] == lq[:, None], n_rel)[0]["mAP@10"]
+    assert m_sparse > m_base
+
+
+def test_alpha_qe_hand_computed():
+    q = np.array([[1.0, 0.0]], np.float32)
+    g = l2n(np.array([[1.0, 1.0], [0.0, 1.0], [1.0, -0.2]], np.float32))
+    s0, s2 = float(g[0] @ q[0]), float(g[2] @ q[0])
+    # top-2 are g2 (sim .98) then g0 (sim .707); alpha=3
+    exp = l2n(q + s2 ** 3 * g[2] + s0 ** 3 * g[0])
+    assert np.allclose(alpha_qe(q, g, k=2, alpha=3), exp, atol=1e-6)
+    # AQE (alpha=0): plain mean of the query and its top-2
+    assert np.allclose(alpha_qe(q, g, k=2, alpha=0), l2n(q + g[2] + g[0]), atol=1e-6)
+    assert np.allclose(alpha_qe(q, g, k=0), q)
+
+
+def test_dba_hand_computed():
+    g = l2n(np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]], np.float32))
+    out = dba(g, k=2, alpha=1)
+    # g0's top-2: itself (1.0) and g1 (0.8): normalise(1*g0 + 0.8*g1)
+    assert np.allclose(out[0], l2n(g[0] + 0.8 * g[1])[0] if False else l2n((g[0] + 0.8 * g[1])[None])[0], atol=1e-6)
+    # g2's top-2: itself and g1 (0.6)
+    assert np.allclose(out[2], l2n((g[2] + 0.6 * g[1])[None])[0], atol=1e-6)
+    assert np.allclose(dba(g, k=1), g)
+
+
+def test_pca_whitening():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 16)) * np.linspace(5, 0.1, 16)
+    w = PCAWhitening(n_components=8).fit(x)
+    z = (x - w.mean_) @ w.components_.T * w.scale_
+    assert np.allclose(np.cov(z.T), np.eye(8), atol=1e-3)  # whitened before the L2 norm
+    out = w.transform(x)
+    assert out.shape == (500, 8) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    plain = PCAWhitening(n_components=8, power=0).fit(x)
+    assert np.allclose(plain.scale_, 1)
+    with pytest.raises(LookalikeError):
+        PCAWhitening(n_components=99).fit(x)
+    with pytest.raises(LookalikeError, match="dimension"):
+        w.transform(x[:, :4])
+
+
+def test_pca_save_load(tmp_path):
+    x = np.random.default_rng(1).normal(size=(100, 8))
+    w = PCAWhitening(4, shrinkage=0.2).fit(x)
+    w.save(tmp_path / "pca.npz")
+    w2 = PCAWhitening.load(tmp_path / "pca.npz")
+    assert np.array_equal(w.transform(x), w2.transform(x)) and w2.shrinkage == 0.2
+    (tmp_path / "junk.npz").write_bytes(b"nope")
+    with pytest.raises(LookalikeError, match="not a saved"):
+        PCAWhitening.load(tmp_path / "junk.npz")
