@@ -132,3 +132,28 @@ def test_run_on_a_folder_of_bad_and_odd_files(dataset, tmp_path):
     assert "queries,truncated.jpg,truncated or corrupt" in body
     assert "queries,text.jpg,not an image" in body
     assert len(skipped) == 4
+
+
+def test_rerank_whiten_and_tune(dataset, tmp_path):
+    g = tmp_path / "g.h5"
+    lookalike_cli("extract", dataset / "gallery", "-o", g, "--image-size", "64", check=True)
+    p = lookalike_cli("index", g, "-o", tmp_path / "idx", "--whiten", "--pca-dim", "8", check=True)
+    assert "PCA-whitened to 8" in p.stdout and (tmp_path / "idx" / "whitening.npz").exists()
+    p = lookalike_cli("search", tmp_path / "idx", "--queries", dataset / "queries", "-o", tmp_path / "a.csv",
+                      "--rerank", "dba,qe,kr", "--k1", "3", "--k2", "2", check=True)
+    assert len(read_results(tmp_path / "a.csv")) == 4
+    cfg = json.loads((tmp_path / "a.csv.config.json").read_text())
+    assert cfg["rerank"]["steps"] == ["dba", "qe", "kr"] and cfg["rerank"]["k1"] == 3
+    _one_line_error(lookalike_cli("search", tmp_path / "idx", "--queries", dataset / "queries", "-o", tmp_path / "b.csv",
+                                  "--rerank", "kr,dba"), "put it last")
+    _one_line_error(lookalike_cli("search", tmp_path / "idx", "--queries", dataset / "queries", "-o", tmp_path / "b.csv",
+                                  "--rerank", "magic"), "unknown re-ranking step")
+    # tune writes a chain that search accepts
+    lookalike_cli("index", g, "-o", tmp_path / "flat", check=True)
+    t = lookalike_cli("tune", tmp_path / "flat", "--queries", dataset / "queries", "--labels", dataset / "labels.csv",
+                      "-o", tmp_path / "best.json", check=True)
+    assert "tried" in t.stdout and "best" in t.stdout
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["metrics"]["digix_score"] >= best["baseline"]["digix_score"]
+    lookalike_cli("search", tmp_path / "flat", "--queries", dataset / "queries", "-o", tmp_path / "c.csv",
+                  "--rerank", tmp_path / "best.json", check=True)

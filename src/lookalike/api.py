@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,14 +23,18 @@ from .extract import ExtractConfig, ExtractResult, Extractor
 from .formats import NAIC_K, format_for_path, read_labels, read_results, write_results
 from .index import Collection, IndexConfig, build_index as _build_index, load_collection
 from .metrics import relevance_matrix, retrieval_metrics
+from .postprocess import RerankConfig, rerank
 from .store import read_store
 
 log = logging.getLogger(__name__)
 
 
-def build_index(features, out_dir, factory: str = "Flat", image_root=None) -> Collection:
-    """``lookalike index``: faiss index from a feature store, saved to ``out_dir``."""
-    return _build_index(features, out_dir, IndexConfig(factory=factory), image_root=image_root)
+def build_index(features, out_dir, factory: str = "Flat", image_root=None, whiten: bool = False,
+                pca_dim: int | None = None, pca_power: float = 0.5, pca_shrinkage: float = 0.0) -> Collection:
+    """``lookalike index``: faiss index from a feature store, saved to ``out_dir``; optionally
+    PCA-whitened (fitted on these gallery features, saved with the index, applied to queries)."""
+    cfg = IndexConfig(factory=factory, whiten=whiten, pca_dim=pca_dim, pca_power=pca_power, pca_shrinkage=pca_shrinkage)
+    return _build_index(features, out_dir, cfg, image_root=image_root)
 
 
 @dataclass
@@ -37,6 +42,7 @@ class SearchConfig:
     k: int | None = None  # default: 10, or 100 for NAIC
     format: str | None = None  # digix | naic | csv; default from the output suffix
     extract: dict | None = None  # overrides of the index's extract config for the queries
+    rerank: dict | None = None  # the post-processing chain (RerankConfig)
 
 
 @dataclass
@@ -63,8 +69,31 @@ def _resolve_k(k: int | None, fmt: str, n_gallery: int) -> int:
     return 10 if k is None else k
 
 
-def _search_batched(col: Collection, q: np.ndarray, k: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def as_rerank_config(rerank) -> RerankConfig | None:
+    """None, a comma list of steps, a dict, a RerankConfig, or a JSON file written by `tune`."""
+    if rerank is None or isinstance(rerank, RerankConfig):
+        return rerank if rerank is None or rerank.steps else None
+    if isinstance(rerank, dict):
+        known = {k: v for k, v in rerank.items() if k in RerankConfig.__dataclass_fields__}
+        return as_rerank_config(RerankConfig(**known))
+    text = str(rerank)
+    if text.endswith(".json"):
+        import json
+
+        try:
+            data = json.loads(Path(text).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LookalikeError(f"{text}: cannot read a re-ranking config ({type(e).__name__}); write one with `lookalike tune`") from None
+        return as_rerank_config(data.get("rerank", data))
+    return as_rerank_config(RerankConfig(steps=text))
+
+
+def _search_batched(col: Collection, q: np.ndarray, k: int, progress: bool,
+                    rerank_cfg: RerankConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     from tqdm.auto import tqdm
+
+    if rerank_cfg is not None:
+        return rerank(col.prepare(q), col.gallery_features(), k, rerank_cfg)
 
     step = 4096
     scores = np.empty((len(q), k), np.float32)
@@ -77,7 +106,8 @@ def _search_batched(col: Collection, q: np.ndarray, k: int, progress: bool) -> t
 
 
 def search(index_dir, queries=None, query_features=None, output=None, k: int | None = None, format: str | None = None,
-           workdir=None, progress: bool = False, collection: Collection | None = None, **extract_overrides) -> SearchResult:
+           workdir=None, progress: bool = False, collection: Collection | None = None, rerank=None,
+           **extract_overrides) -> SearchResult:
     """``lookalike search``: top-k gallery names for each query (images or a feature store)."""
     t0 = time.perf_counter()
     if (queries is None) == (query_features is None):
@@ -101,14 +131,16 @@ def search(index_dir, queries=None, query_features=None, output=None, k: int | N
         ext = Extractor(cfg).extract(queries, store_path, progress=progress, label="queries")
         names, feats, model_id, source = ext.names, ext.features, cfg.model_id(), str(queries)
     col.check_queries(feats, model_id, source)
-    scores, idx = _search_batched(col, feats, k, progress)
+    rr = as_rerank_config(rerank)
+    scores, idx = _search_batched(col, feats, k, progress, rr)
     res = SearchResult(list(names), scores, idx, col.names, None, fmt, ext)
     if output:
         write_results(output, fmt, names, col.names, scores, idx)
         res.output = Path(output)
         write_json_atomic(Path(output).with_name(Path(output).name + ".config.json"),
                           {"command": "search", "index": str(index_dir), "queries": str(queries or query_features),
-                           **asdict(SearchConfig(k=k, format=fmt, extract=extract_overrides or None))})
+                           **asdict(SearchConfig(k=k, format=fmt, extract=extract_overrides or None,
+                                                 rerank=rr.to_dict() if rr else None))})
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -127,6 +159,8 @@ class RunConfig:
     workdir: str | None = None
     factory: str = "Flat"
     extract: dict = field(default_factory=dict)
+    index: dict = field(default_factory=dict)
+    rerank: dict | None = None
 
 
 @dataclass
@@ -152,7 +186,8 @@ class RunResult:
 
 
 def run(gallery, queries, output, format: str | None = None, k: int | None = None, workdir=None,
-        factory: str = "Flat", progress: bool = False, **extract_overrides) -> RunResult:
+        factory: str = "Flat", progress: bool = False, rerank=None, index_config: IndexConfig | None = None,
+        **extract_overrides) -> RunResult:
     """``lookalike run``: extract gallery and queries, index the gallery, search, write results.
 
     Features are cached in ``workdir`` (default: ``<output folder>/lookalike-work``) under the
@@ -164,26 +199,30 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     cfg = ExtractConfig.from_dict({**ExtractConfig().to_dict(), **extract_overrides})
     workdir = Path(workdir) if workdir else output.parent / "lookalike-work"
     workdir.mkdir(parents=True, exist_ok=True)
-    config = RunConfig(str(gallery), str(queries), str(output), fmt, k, str(workdir), factory, cfg.to_dict())
+    icfg = index_config or IndexConfig(factory=factory)
+    rr = as_rerank_config(rerank)
+    config = RunConfig(str(gallery), str(queries), str(output), fmt, k, str(workdir), icfg.factory, cfg.to_dict(),
+                       asdict(icfg), rr.to_dict() if rr else None)
     fp = cfg.fingerprint()
     extractor = Extractor(cfg)
     g_store = workdir / f"gallery-{_path_key(gallery)}-{fp}.h5"
     g = extractor.extract(gallery, g_store, progress=progress, label="gallery")
-    index_dir = workdir / f"index-{_path_key(gallery)}-{fp}-{hashlib.sha256(factory.encode()).hexdigest()[:6]}"
+    index_key = hashlib.sha256(json.dumps(asdict(icfg), sort_keys=True).encode()).hexdigest()[:6]
+    index_dir = workdir / f"index-{_path_key(gallery)}-{fp}-{index_key}"
     col = None
     if index_dir.exists() and g.n_extracted == 0 and (index_dir / "manifest.json").exists():
         col = load_collection(index_dir)
         if col.names != g.names:
             col = None
     if col is None:
-        col = _build_index(read_store(g_store), index_dir, IndexConfig(factory=factory), image_root=str(Path(gallery).resolve()))
+        col = _build_index(read_store(g_store), index_dir, icfg, image_root=str(Path(gallery).resolve()))
     q_store = workdir / f"queries-{_path_key(queries)}-{fp}.h5"
     q = extractor.extract(queries, q_store, progress=progress, label="queries")
     col.check_queries(q.features, cfg.model_id(), str(queries))
     kk = _resolve_k(k, fmt, len(col))
     if kk > len(col):
         raise LookalikeError(f"k={kk} is larger than the gallery ({len(col)} images); use -k {len(col)} or less")
-    scores, idx = _search_batched(col, q.features, kk, progress)
+    scores, idx = _search_batched(col, q.features, kk, progress, rr)
     write_results(output, fmt, q.names, col.names, scores, idx)
     sres = SearchResult(q.names, scores, idx, col.names, output, fmt, q)
     skipped_csv = output.with_name("skipped.csv")
@@ -264,11 +303,46 @@ def evaluate(results, labels, k: int = 10, gallery=None, normalization: str = "m
 def _gallery_names(gallery) -> list[str]:
     p = Path(gallery)
     if p.is_dir() and (p / "names.json").exists():
-        import json
-
         return json.loads((p / "names.json").read_text(encoding="utf-8"))
     if p.suffix in (".h5", ".hdf5"):
         return read_store(p).names
     if p.is_file():
         return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     raise LookalikeError(f"{gallery}: give an index folder, a feature store (.h5) or a text file of gallery names")
+
+
+def tune(index_dir, labels, queries=None, query_features=None, output=None, k: int = 10, workdir=None,
+         progress: bool = False, log=None) -> list:
+    """``lookalike tune``: grid-search post-processing chains with labelled validation queries against
+    an index; writes the best chain (and the whole table) as JSON for ``search --rerank FILE``."""
+    from .tune import tune as _tune
+
+    if (queries is None) == (query_features is None):
+        raise LookalikeError("give either --queries (images) or --query-features (a feature store), not both")
+    col = load_collection(index_dir)
+    if query_features is not None:
+        store = read_store(query_features)
+        names, feats, model_id = store.names, store.features, store.model_id
+    else:
+        cfg = ExtractConfig.from_dict(col.manifest.get("extract_config", {}))
+        workdir = Path(workdir) if workdir else Path(index_dir) / "queries"
+        ext = Extractor(cfg).extract(queries, workdir / f"queries-{_path_key(queries)}-{cfg.fingerprint()}.h5",
+                                     progress=progress, label="queries")
+        names, feats, model_id = ext.names, ext.features, cfg.model_id()
+    col.check_queries(feats, model_id, str(queries or query_features))
+    label_of = read_labels(labels)
+    for kind, group in (("query", names), ("gallery image", col.names)):
+        missing = [n for n in group if n not in label_of]
+        if missing:
+            raise LookalikeError(f"{labels}: no label for {kind} {missing[0]!r}" +
+                                 (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; label every image")
+    results = _tune(col.prepare(feats), col.gallery_features(), [label_of[n] for n in names],
+                    [label_of[n] for n in col.names], k=k, log=log)
+    if output:
+        best_cfg, best_m = results[0]
+        write_json_atomic(output, {"rerank": best_cfg.to_dict(), "metrics": best_m,
+                                   "baseline": next(m for c, m in results if not c.steps),
+                                   "index": str(index_dir), "queries": str(queries or query_features),
+                                   "all": [{"rerank": c.to_dict(), "digix_score": m["digix_score"], "top1": m["top1"],
+                                            "mAP@10": m["mAP@10"]} for c, m in results]})
+    return results

@@ -58,6 +58,53 @@ def extract_options(fn):
     return fn
 
 
+def whiten_options(fn):
+    opts = [
+        click.option("--whiten", is_flag=True, help="Fit PCA-whitening on the gallery; queries get the same transform."),
+        click.option("--pca-dim", type=int, default=None, help="PCA output dimension (default: all)."),
+        click.option("--pca-power", type=float, default=0.5, show_default=True, help="Whitening power (0 = PCA rotation only)."),
+        click.option("--pca-shrinkage", type=float, default=0.0, show_default=True, help="Shrink eigenvalues towards their mean (0..1)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def rerank_options(fn):
+    opts = [
+        click.option("--rerank", default=None,
+                     help="Post-processing chain, in order: comma list of dba, qe (alpha-QE), aqe, kr (k-reciprocal, last); "
+                          "or a JSON file written by `lookalike tune`."),
+        click.option("--dba-k", type=int, default=2, show_default=True),
+        click.option("--dba-alpha", type=float, default=3.0, show_default=True),
+        click.option("--qe-k", type=int, default=2, show_default=True),
+        click.option("--qe-alpha", type=float, default=3.0, show_default=True),
+        click.option("--k1", type=int, default=20, show_default=True, help="k-reciprocal neighbourhood."),
+        click.option("--k2", type=int, default=6, show_default=True, help="k-reciprocal local query expansion."),
+        click.option("--kr-lambda", type=float, default=0.3, show_default=True, help="Weight of the original distance."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _rerank_arg(kw: dict):
+    steps = kw.pop("rerank")
+    params = {k: kw.pop(k) for k in ("dba_k", "dba_alpha", "qe_k", "qe_alpha", "k1", "k2", "kr_lambda")}
+    if steps is None:
+        return None
+    if steps.endswith(".json"):
+        return steps
+    return {"steps": steps, **params}
+
+
+def _index_config(kw: dict, factory: str):
+    from .index import IndexConfig
+
+    return IndexConfig(factory=factory, whiten=kw.pop("whiten"), pca_dim=kw.pop("pca_dim"),
+                       pca_power=kw.pop("pca_power"), pca_shrinkage=kw.pop("pca_shrinkage"))
+
+
 def _extract_kwargs(kw: dict) -> dict:
     keys = ("model", "weights", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "precision", "batch_size", "workers", "threads", "chunk_size")
     out = {k: kw.pop(k) for k in keys}
@@ -101,13 +148,15 @@ def extract(obj, images, output, **kw):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 @click.option("--factory", default="Flat", show_default=True, help="faiss index_factory string (Flat, HNSW32, IVF1024,PQ32, ...).")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None, help="Folder of the gallery images (for serving).")
+@whiten_options
 @_handle_errors
-def index(features, output, factory, image_root):
+def index(features, output, factory, image_root, **kw):
     """Build a faiss index folder from a feature store."""
-    from .api import build_index
+    from .index import build_index
 
-    col = build_index(features, output, factory, image_root=image_root)
-    click.echo(f"index: {len(col)} vectors of dimension {col.dim} ({factory}) -> {output}")
+    col = build_index(features, output, _index_config(kw, factory), image_root=image_root)
+    extra = f", PCA-whitened to {col.manifest['dim']}" if col.transform is not None else ""
+    click.echo(f"index: {len(col)} vectors of dimension {col.dim}{extra} ({factory}) -> {output}")
 
 
 @main.command()
@@ -118,14 +167,15 @@ def index(features, output, factory, image_root):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", default=None, help="digix, naic or csv (default: from the suffix, .json = naic).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where query features are cached.")
+@rerank_options
 @click.pass_obj
 @_handle_errors
-def search(obj, index_dir, queries, query_features, k, output, fmt, workdir):
+def search(obj, index_dir, queries, query_features, k, output, fmt, workdir, **kw):
     """Search INDEX_DIR with query images or query features and write a results file."""
     from .api import search as _search
 
     res = _search(index_dir, queries=queries, query_features=query_features, output=output, k=k, format=fmt,
-                  workdir=workdir, progress=obj["progress"])
+                  workdir=workdir, progress=obj["progress"], rerank=_rerank_arg(kw))
     if res.extract is not None:
         click.echo(res.extract.summary("queries"))
     click.echo(f"results: {len(res.query_names)} queries -> {output} ({res.format}) in {res.seconds:.1f} s")
@@ -140,14 +190,18 @@ def search(obj, index_dir, queries, query_features, k, output, fmt, workdir):
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Cache of features and index (default: beside the output).")
 @click.option("--factory", default="Flat", show_default=True, help="faiss index_factory string.")
 @extract_options
+@whiten_options
+@rerank_options
 @click.pass_obj
 @_handle_errors
 def run(obj, gallery, queries, output, fmt, k, workdir, factory, **kw):
     """Extract, index and search in one go; a rerun reuses cached features."""
     from .api import run as _run
 
-    res = _run(gallery, queries, output, format=fmt, k=k, workdir=workdir, factory=factory,
-               progress=obj["progress"], **_extract_kwargs(kw))
+    rr = _rerank_arg(kw)
+    icfg = _index_config(kw, factory)
+    res = _run(gallery, queries, output, format=fmt, k=k, workdir=workdir, progress=obj["progress"], rerank=rr,
+               index_config=icfg, **_extract_kwargs(kw))
     click.echo(res.summary())
 
 
@@ -170,6 +224,29 @@ def evaluate(results, labels, k, gallery, ap_normalization, output):
     keys = ["queries", "top1", f"mAP@{k}", "mAP@10", "digix_score", "recall@1", "recall@5", "recall@10"]
     click.echo("  ".join(f"{key}={m[key]:.4f}" if isinstance(m[key], float) else f"{key}={m[key]}" for key in dict.fromkeys(keys)))
     click.echo(f"metrics: {out}  per query: {per_query}")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option("--labels", required=True, type=click.Path(dir_okay=False), help="CSV image,label for queries and gallery.")
+@click.option("--queries", type=click.Path(), default=None, help="Validation query images (never the test queries).")
+@click.option("--query-features", type=click.Path(dir_okay=False), default=None, help="Validation query feature store.")
+@click.option("-k", type=int, default=10, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Best chain as JSON (for --rerank FILE).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None)
+@click.pass_obj
+@_handle_errors
+def tune(obj, index_dir, labels, queries, query_features, k, output, workdir):
+    """Grid-search post-processing (DBA, alpha-QE, k-reciprocal) on labelled validation queries."""
+    from .api import tune as _tune
+
+    log = (lambda m: click.echo(m, err=True)) if obj["progress"] else None
+    results = _tune(index_dir, labels, queries=queries, query_features=query_features, output=output, k=k,
+                    workdir=workdir, progress=obj["progress"], log=log)
+    best, m = results[0]
+    base = next(mm for c, mm in results if not c.steps)
+    click.echo(f"tried {len(results)} chains; best {','.join(best.steps) or 'none'}: score {m['digix_score']:.4f} "
+               f"(top-1 {m['top1']:.4f}, mAP@10 {m['mAP@10']:.4f}) vs {base['digix_score']:.4f} without -> {output}")
 
 
 @main.command()

@@ -29,6 +29,10 @@ from .store import FeatureStore, read_store
 class IndexConfig:
     factory: str = "Flat"
     train_size: int = 200_000  # rows used to train IVF/PQ factories
+    whiten: bool = False  # fit PCA-whitening on the gallery; queries get the same transform
+    pca_dim: int | None = None  # output dimension of the PCA (None: keep all)
+    pca_power: float = 0.5  # 0.5 = full whitening, 0 = rotation only
+    pca_shrinkage: float = 0.0
 
 
 def _faiss():
@@ -38,15 +42,32 @@ def _faiss():
 
 
 class Collection:
-    def __init__(self, index, names: list[str], manifest: dict, path: Path | None = None):
+    def __init__(self, index, names: list[str], manifest: dict, path: Path | None = None, transform=None):
         self.index = index
         self.names = names
         self.manifest = manifest
         self.path = path
+        self.transform = transform  # PCAWhitening applied to queries (the index holds transformed rows)
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["dim"])
+        """Dimension of the features given to :meth:`search` (before any whitening)."""
+        return int(self.manifest.get("input_dim", self.manifest["dim"]))
+
+    def prepare(self, features: np.ndarray) -> np.ndarray:
+        """Raw query features -> the space the index lives in."""
+        x = np.ascontiguousarray(features, dtype=np.float32)
+        return self.transform.transform(x) if self.transform is not None else x
+
+    def gallery_features(self) -> np.ndarray:
+        """The indexed (transformed) gallery vectors, for re-ranking; needs a Flat-storing index."""
+        try:
+            return self.index.reconstruct_n(0, self.index.ntotal)
+        except RuntimeError:
+            raise LookalikeError(
+                f"{self.path}: re-ranking needs the gallery vectors, which a {self.manifest.get('factory')} "
+                "index does not keep; build the index with --factory Flat (or HNSW32,Flat)"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -68,8 +89,7 @@ class Collection:
             raise LookalikeError(f"k must be at least 1, got {k}")
         if k > len(self):
             raise LookalikeError(f"k={k} is larger than the gallery ({len(self)} images); use -k {len(self)} or less")
-        q = np.ascontiguousarray(features, dtype=np.float32)
-        return self.index.search(q, k)
+        return self.index.search(self.prepare(features), k)
 
 
 def build_index(store: FeatureStore | str | os.PathLike, out_dir=None, config: IndexConfig | None = None,
@@ -83,6 +103,13 @@ def build_index(store: FeatureStore | str | os.PathLike, out_dir=None, config: I
     x = np.ascontiguousarray(store.features, dtype=np.float32)
     if len(x) == 0:
         raise LookalikeError(f"{source}: the feature store is empty; extract some images first")
+    input_dim = int(x.shape[1])
+    transform = None
+    if config.whiten:
+        from .postprocess import PCAWhitening
+
+        transform = PCAWhitening(config.pca_dim, config.pca_power, config.pca_shrinkage).fit(x)
+        x = transform.transform(x)
     try:
         index = faiss.index_factory(x.shape[1], config.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -101,11 +128,12 @@ def build_index(store: FeatureStore | str | os.PathLike, out_dir=None, config: I
     manifest = dict(
         fingerprint=attrs.get("fingerprint", ""), model_id=attrs.get("model_id", ""), model=attrs.get("model", ""),
         pooling=attrs.get("pooling", ""), extract_config=json.loads(attrs.get("config", "{}") or "{}"),
-        dim=int(x.shape[1]), count=int(len(x)), factory=config.factory, image_root=image_root,
+        dim=int(x.shape[1]), input_dim=input_dim, whitening=transform is not None, count=int(len(x)),
+        factory=config.factory, image_root=image_root,
         features=str(source), created=time.strftime("%Y-%m-%dT%H:%M:%S"), created_by=f"lookalike {__version__}",
         faiss=getattr(faiss, "__version__", "?"),
     )
-    col = Collection(index, list(store.names), manifest)
+    col = Collection(index, list(store.names), manifest, transform=transform)
     if out_dir is not None:
         save_collection(col, out_dir, config)
     return col
@@ -121,6 +149,8 @@ def save_collection(col: Collection, out_dir, config: IndexConfig | None = None)
         faiss.write_index(col.index, str(tmp / "index.faiss"))
         write_json_atomic(tmp / "names.json", col.names)
         write_json_atomic(tmp / "config.json", asdict(config or IndexConfig()))
+        if col.transform is not None:
+            col.transform.save(tmp / "whitening.npz")
         write_json_atomic(tmp / "manifest.json", col.manifest)
         old = None
         if out_dir.exists():
@@ -150,4 +180,9 @@ def load_collection(path) -> Collection:
         raise LookalikeError(f"{path}: damaged index ({type(e).__name__}); rebuild it with `lookalike index`") from None
     if index.ntotal != len(names) or index.d != manifest.get("dim"):
         raise LookalikeError(f"{path}: index, names and manifest disagree; rebuild it with `lookalike index`")
-    return Collection(index, names, manifest, path)
+    transform = None
+    if manifest.get("whitening"):
+        from .postprocess import PCAWhitening
+
+        transform = PCAWhitening.load(path / "whitening.npz")
+    return Collection(index, names, manifest, path, transform)

@@ -271,3 +271,55 @@ def peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024 if os.name == "posix" else float("nan")
+
+
+# ------------------------------------------------------------------ composing a chain
+
+RERANK_STEPS = ("dba", "qe", "aqe", "kr")
+
+
+@dataclass
+class RerankConfig:
+    """A post-processing chain, applied in order: ``dba`` changes the gallery, ``qe``/``aqe``
+    the queries, ``kr`` (last) the ranking itself."""
+
+    steps: tuple[str, ...] = ()
+    dba_k: int = 2
+    dba_alpha: float = 3.0
+    qe_k: int = 2
+    qe_alpha: float = 3.0
+    k1: int = 20
+    k2: int = 6
+    kr_lambda: float = 0.3
+
+    def __post_init__(self):
+        if isinstance(self.steps, str):
+            self.steps = tuple(s for s in self.steps.replace(" ", "").split(",") if s)
+        self.steps = tuple(self.steps)
+        bad = [s for s in self.steps if s not in RERANK_STEPS]
+        if bad:
+            raise LookalikeError(f"unknown re-ranking step {bad[0]!r}; use a comma list of {', '.join(RERANK_STEPS)}")
+        if "kr" in self.steps and self.steps[-1] != "kr":
+            raise LookalikeError("kr (k-reciprocal) produces the final ranking: put it last in --rerank")
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["steps"] = list(self.steps)
+        return d
+
+
+def rerank(queries: np.ndarray, gallery: np.ndarray, k: int, config: RerankConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Run the chain and return the final ``(scores, indices)``, best first."""
+    q, g = l2n(queries), l2n(gallery)
+    if k > len(g):
+        raise LookalikeError(f"k={k} is larger than the gallery ({len(g)} images)")
+    for step in config.steps:
+        if step == "dba":
+            g = dba(g, config.dba_k, config.dba_alpha)
+        elif step in ("qe", "aqe"):
+            q = alpha_qe(q, g, config.qe_k, 0.0 if step == "aqe" else config.qe_alpha)
+        elif step == "kr":
+            return k_reciprocal_rerank(q, g, k, config.k1, config.k2, config.kr_lambda)
+    return knn(q, g, k)
