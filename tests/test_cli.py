@@ -157,3 +157,14 @@ def test_rerank_whiten_and_tune(dataset, tmp_path):
     assert best["metrics"]["digix_score"] >= best["baseline"]["digix_score"]
     lookalike_cli("search", tmp_path / "flat", "--queries", dataset / "queries", "-o", tmp_path / "c.csv",
                   "--rerank", tmp_path / "best.json", check=True)
+
+
+def test_spatial_flag_runs_end_to_end(dataset, tmp_path):
+    pytest.importorskip("cv2")
+    out = tmp_path / "s.csv"
+    lookalike_cli("run", "--gallery", dataset / "gallery", "--queries", dataset / "queries", "-o", out,
+                  "--image-size", "64", "--spatial", "orb", "--spatial-top-n", "5", check=True)
+    assert len(read_results(out)) == 4
+    assert json.loads((tmp_path / "s.csv.config.json").read_text())["spatial"]["method"] == "orb"
+    _one_line_error(lookalike_cli("run", "--gallery", dataset / "gallery", "--queries", dataset / "queries", "-o", out,
+                                  "--image-size", "64", "--spatial", "surf"), "unknown local feature method")

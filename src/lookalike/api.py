@@ -88,6 +88,24 @@ def as_rerank_config(rerank) -> RerankConfig | None:
     return as_rerank_config(RerankConfig(steps=text))
 
 
+def _spatial(scores, idx, query_source, query_names, col: Collection, spatial, cache=None):
+    """Re-order the top-N by RANSAC-verified local features (needs the image files)."""
+    from .data import list_images
+    from .spatial import SpatialConfig, default_cache_dir, spatial_rerank
+
+    cfg = spatial if isinstance(spatial, SpatialConfig) else SpatialConfig(**(spatial if isinstance(spatial, dict) else {}))
+    root = col.manifest.get("image_root")
+    if not root or query_source is None:
+        raise LookalikeError("spatial verification needs the image files: search with --queries and an index built "
+                             "by `run` or with `lookalike index --image-root GALLERY_DIR`")
+    root = Path(root)
+    base = root.parent if root.is_file() else root
+    qpath = {e.name: e.path for e in list_images(query_source)}
+    gpaths = [base / n for n in col.names]
+    s2, i2, _ = spatial_rerank([qpath[n] for n in query_names], gpaths, scores, idx, cfg, cache_dir=cache or default_cache_dir())
+    return s2, i2
+
+
 def _search_batched(col: Collection, q: np.ndarray, k: int, progress: bool,
                     rerank_cfg: RerankConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     from tqdm.auto import tqdm
@@ -106,7 +124,7 @@ def _search_batched(col: Collection, q: np.ndarray, k: int, progress: bool,
 
 
 def search(index_dir, queries=None, query_features=None, output=None, k: int | None = None, format: str | None = None,
-           workdir=None, progress: bool = False, collection: Collection | None = None, rerank=None,
+           workdir=None, progress: bool = False, collection: Collection | None = None, rerank=None, spatial=None,
            **extract_overrides) -> SearchResult:
     """``lookalike search``: top-k gallery names for each query (images or a feature store)."""
     t0 = time.perf_counter()
@@ -133,6 +151,8 @@ def search(index_dir, queries=None, query_features=None, output=None, k: int | N
     col.check_queries(feats, model_id, source)
     rr = as_rerank_config(rerank)
     scores, idx = _search_batched(col, feats, k, progress, rr)
+    if spatial:
+        scores, idx = _spatial(scores, idx, queries, names, col, spatial)
     res = SearchResult(list(names), scores, idx, col.names, None, fmt, ext)
     if output:
         write_results(output, fmt, names, col.names, scores, idx)
@@ -140,7 +160,7 @@ def search(index_dir, queries=None, query_features=None, output=None, k: int | N
         write_json_atomic(Path(output).with_name(Path(output).name + ".config.json"),
                           {"command": "search", "index": str(index_dir), "queries": str(queries or query_features),
                            **asdict(SearchConfig(k=k, format=fmt, extract=extract_overrides or None,
-                                                 rerank=rr.to_dict() if rr else None))})
+                                                 rerank=rr.to_dict() if rr else None)), "spatial": spatial or None})
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -187,7 +207,7 @@ class RunResult:
 
 def run(gallery, queries, output, format: str | None = None, k: int | None = None, workdir=None,
         factory: str = "Flat", progress: bool = False, rerank=None, index_config: IndexConfig | None = None,
-        **extract_overrides) -> RunResult:
+        spatial=None, **extract_overrides) -> RunResult:
     """``lookalike run``: extract gallery and queries, index the gallery, search, write results.
 
     Features are cached in ``workdir`` (default: ``<output folder>/lookalike-work``) under the
@@ -223,11 +243,13 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     if kk > len(col):
         raise LookalikeError(f"k={kk} is larger than the gallery ({len(col)} images); use -k {len(col)} or less")
     scores, idx = _search_batched(col, q.features, kk, progress, rr)
+    if spatial:
+        scores, idx = _spatial(scores, idx, queries, q.names, col, spatial, workdir / "local-features")
     write_results(output, fmt, q.names, col.names, scores, idx)
     sres = SearchResult(q.names, scores, idx, col.names, output, fmt, q)
     skipped_csv = output.with_name("skipped.csv")
     _write_run_skipped(skipped_csv, g.skipped, q.skipped)
-    write_json_atomic(output.with_name(output.name + ".config.json"), {"command": "run", **asdict(config)})
+    write_json_atomic(output.with_name(output.name + ".config.json"), {"command": "run", **asdict(config), "spatial": spatial or None})
     return RunResult(sres, g, index_dir, workdir, skipped_csv, time.perf_counter() - t0)
 
 

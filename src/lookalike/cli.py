@@ -82,10 +82,19 @@ def rerank_options(fn):
         click.option("--k1", type=int, default=20, show_default=True, help="k-reciprocal neighbourhood."),
         click.option("--k2", type=int, default=6, show_default=True, help="k-reciprocal local query expansion."),
         click.option("--kr-lambda", type=float, default=0.3, show_default=True, help="Weight of the original distance."),
+        click.option("--spatial", default=None, help="Spatial verification of the top-N with local features: sift or orb "
+                                                     "(needs pip install 'lookalike[spatial]')."),
+        click.option("--spatial-top-n", type=int, default=20, show_default=True),
+        click.option("--spatial-min-inliers", type=int, default=12, show_default=True),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
+
+
+def _spatial_arg(kw: dict):
+    method, top_n, mi = kw.pop("spatial"), kw.pop("spatial_top_n"), kw.pop("spatial_min_inliers")
+    return {"method": method, "top_n": top_n, "min_inliers": mi} if method else None
 
 
 def _rerank_arg(kw: dict):
@@ -175,7 +184,7 @@ def search(obj, index_dir, queries, query_features, k, output, fmt, workdir, **k
     from .api import search as _search
 
     res = _search(index_dir, queries=queries, query_features=query_features, output=output, k=k, format=fmt,
-                  workdir=workdir, progress=obj["progress"], rerank=_rerank_arg(kw))
+                  workdir=workdir, progress=obj["progress"], rerank=_rerank_arg(kw), spatial=_spatial_arg(kw))
     if res.extract is not None:
         click.echo(res.extract.summary("queries"))
     click.echo(f"results: {len(res.query_names)} queries -> {output} ({res.format}) in {res.seconds:.1f} s")
@@ -199,9 +208,10 @@ def run(obj, gallery, queries, output, fmt, k, workdir, factory, **kw):
     from .api import run as _run
 
     rr = _rerank_arg(kw)
+    sp = _spatial_arg(kw)
     icfg = _index_config(kw, factory)
     res = _run(gallery, queries, output, format=fmt, k=k, workdir=workdir, progress=obj["progress"], rerank=rr,
-               index_config=icfg, **_extract_kwargs(kw))
+               index_config=icfg, spatial=sp, **_extract_kwargs(kw))
     click.echo(res.summary())
 
 
