@@ -3,3 +3,12 @@
 
 class LookalikeError(ValueError):
     """Bad input or a mismatch between stages; the CLI prints it as ``error: <message>``."""
+
+
+def comma_choices(value, choices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """``"a,b"`` or a sequence -> a tuple of names, each one of ``choices``; else a one-line error."""
+    items = tuple(v for v in value.replace(" ", "").split(",") if v) if isinstance(value, str) else tuple(value)
+    bad = [v for v in items if v not in choices]
+    if bad:
+        raise LookalikeError(f"unknown {what} {bad[0]!r}; use a comma list of {', '.join(choices)}")
+    return items

@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from ._io import atomic_path, write_text_atomic
 from .data import BadImage, ImageEntry, Preprocess, list_images, load_image
-from .errors import LookalikeError
+from .errors import LookalikeError, comma_choices
 from .store import read_attrs, read_store, write_store
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,7 @@ class ExtractConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        if isinstance(self.tta, str):
-            self.tta = tuple(t for t in self.tta.replace(" ", "").split(",") if t)
-        self.tta = tuple(self.tta)
-        bad = [t for t in self.tta if t not in TTA_CHOICES]
-        if bad:
-            raise LookalikeError(f"unknown TTA {bad[0]!r}; use a comma list of {', '.join(TTA_CHOICES)}")
+        self.tta = comma_choices(self.tta, TTA_CHOICES, "TTA")
         if self.engine not in ENGINES:
             raise LookalikeError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if self.precision not in ("fp32", "bf16"):

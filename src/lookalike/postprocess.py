@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import LookalikeError
+from .errors import LookalikeError, comma_choices
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -296,12 +296,7 @@ class RerankConfig:
     kr_lambda: float = 0.3
 
     def __post_init__(self):
-        if isinstance(self.steps, str):
-            self.steps = tuple(s for s in self.steps.replace(" ", "").split(",") if s)
-        self.steps = tuple(self.steps)
-        bad = [s for s in self.steps if s not in RERANK_STEPS]
-        if bad:
-            raise LookalikeError(f"unknown re-ranking step {bad[0]!r}; use a comma list of {', '.join(RERANK_STEPS)}")
+        self.steps = comma_choices(self.steps, RERANK_STEPS, "re-ranking step")
         if "kr" in self.steps and self.steps[-1] != "kr":
             raise LookalikeError("kr (k-reciprocal) produces the final ranking: put it last in --rerank")
 
