@@ -260,6 +260,43 @@ def tune(obj, index_dir, labels, queries, query_features, k, output, workdir):
 
 
 @main.command()
+@click.argument("data", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--model", default="lite0", show_default=True)
+@click.option("--weights", type=click.Path(dir_okay=False), default=None)
+@click.option("--descriptors", default="SMG", show_default=True, help="CGD head branches: letters of S, M, G.")
+@click.option("--dim", type=int, default=1536, show_default=True, help="Embedding size, split evenly between descriptors.")
+@click.option("--loss", default="cosface", show_default=True, help="cosface, arcface, sphereface or multisimilarity.")
+@click.option("--margin", type=float, default=None)
+@click.option("--scale", type=float, default=None)
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--accumulate", type=int, default=1, show_default=True)
+@click.option("--val-fraction", type=float, default=0.25, show_default=True, help="Share of classes held out.")
+@click.option("--val-data", type=click.Path(), default=None, help="A given validation set (class folders or CSV) instead.")
+@click.option("--time-limit", type=float, default=0, help="Minutes of training at most.")
+@click.option("--fraction", type=float, default=1.0, show_default=True, help="Subsample the images.")
+@click.option("--no-augment", is_flag=True)
+@click.option("--patience", type=int, default=3, show_default=True)
+@click.option("--max-steps", type=int, default=0, help="Optimiser steps per epoch at most (smoke tests).")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT after an interruption.")
+@click.pass_obj
+@_handle_errors
+def train(obj, data, output, resume, no_augment, **kw):
+    """Fine-tune an embedding (backbone + CGD head, margin loss) on class folders or a labels CSV."""
+    from .train import TrainConfig, train as _train
+
+    best = _train(TrainConfig(data=data, output=output, augment=not no_augment, **kw), resume=resume, progress=obj["progress"])
+    click.echo(f"trained: best epoch {best.get('epoch')}, val score {best.get('val_score', float('nan')):.4f} "
+               f"(top-1 {best.get('val_top1', float('nan')):.4f}, mAP@10 {best.get('val_mAP@10', float('nan')):.4f}) -> {output}; "
+               f"use: lookalike extract IMAGES --model {output}")
+
+
+@main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--variants", type=int, default=3, show_default=True, help="Query photos made per gallery photo.")
 @_handle_errors

@@ -95,6 +95,10 @@ class ExtractConfig:
     def weights_file(self) -> str | None:
         if self.weights:
             return self.weights
+        from .models import MODEL_FILE, is_trained_model
+
+        if is_trained_model(self.model):
+            return str(Path(self.model) / json.loads((Path(self.model) / MODEL_FILE).read_text())["weights"])
         if self.model.startswith("lite") and self.model[4:].isdigit():
             # resolve the packaged weights without building the network
             import importlib
@@ -110,9 +114,11 @@ class ExtractConfig:
 
     def model_id(self) -> str:
         """Identity of the embedding space: backbone, weights and pooling."""
-        from .models import weights_digest
+        from .models import is_trained_model, weights_digest
 
-        key = dict(model=self.model, weights=weights_digest(self.weights_file()), pooling=self.pooling,
+        trained = is_trained_model(self.model)
+        key = dict(model="trained" if trained else self.model, weights=weights_digest(self.weights_file()),
+                   pooling="head" if trained else self.pooling,
                    gem_p=self.gem_p if self.pooling == "gem" else None, v=FEATURE_VERSION)
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -253,8 +259,10 @@ class Extractor:
 
     # --- network
     def build_embedder(self):
-        from .models import Embedder, create_backbone
+        from .models import Embedder, create_backbone, is_trained_model, load_trained
 
+        if is_trained_model(self.config.model):
+            return load_trained(self.config.model)
         bb = create_backbone(self.config.model, self.config.weights)
         return Embedder(bb.module, self.config.pooling, self.config.gem_p).eval()
 

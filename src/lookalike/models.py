@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import LookalikeError
@@ -188,19 +189,75 @@ def weights_digest(path: str | None) -> str:
     return _file_sha256(str(path), st.st_size, st.st_mtime)
 
 
+# ---------------------------------------------------------------- trained heads
+
+
+class CGDHead(nn.Module):
+    """Combination of multiple global descriptors (Jun et al. 2019): each of S (SPoC), M (MAC) and
+    G (GeM) pooled, projected, L2-normalised, concatenated and normalised again."""
+
+    KINDS = {"S": gap, "M": mac, "G": gem}
+
+    def __init__(self, channels: int, descriptors: str = "SMG", dim: int = 512, gem_p: float = 3.0):
+        super().__init__()
+        descriptors = descriptors.upper()
+        if not descriptors or any(d not in self.KINDS for d in descriptors) or dim % len(descriptors):
+            raise LookalikeError(f"CGD descriptors {descriptors!r} must be letters of S, M, G and divide dim {dim}")
+        self.descriptors = descriptors
+        self.gem_p = float(gem_p)
+        self.proj = nn.ModuleList(nn.Linear(channels, dim // len(descriptors), bias=False) for _ in descriptors)
+
+    def first_pooled(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.KINDS[self.descriptors[0]](fmap, self.gem_p)
+
+    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
+        parts = [F.normalize(lin(self.KINDS[d](fmap, self.gem_p)), dim=1) for d, lin in zip(self.descriptors, self.proj)]
+        return F.normalize(torch.cat(parts, dim=1), dim=1)
+
+
 # ---------------------------------------------------------------- the embedding network
 
 
 class Embedder(nn.Module):
-    """uint8 (N, H, W, 3) images -> pooled float descriptors (N, C); not L2-normalised."""
+    """uint8 (N, H, W, 3) images -> float descriptors (N, C); a pooling, or a trained head."""
 
-    def __init__(self, backbone: nn.Module, pooling: str = "spoc", gem_p: float = 3.0):
+    def __init__(self, backbone: nn.Module, pooling: str = "spoc", gem_p: float = 3.0, head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
         self.pool = get_pooling(pooling)
         self.gem_p = float(gem_p)
+        self.head = head
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float NCHW input (training path)."""
+        fmap = self.backbone(x)
+        return self.head(fmap) if self.head is not None else self.pool(fmap, self.gem_p)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float().sub(127.0).div(128.0)
-        return self.pool(self.backbone(x), self.gem_p).float()
+        return self.embed(x).float()
+
+
+MODEL_FILE = "lookalike_model.json"
+
+
+def is_trained_model(name: str) -> bool:
+    return (Path(name) / MODEL_FILE).is_file()
+
+
+def load_trained(run_dir) -> "Embedder":
+    """A model exported by ``lookalike train``: ``lookalike_model.json`` + fp16 state dict."""
+    import json
+
+    run_dir = Path(run_dir)
+    meta = json.loads((run_dir / MODEL_FILE).read_text())
+    bb = create_backbone(meta["backbone"], meta.get("backbone_weights"))
+    head = CGDHead(bb.channels, meta["descriptors"], meta["dim"], meta.get("gem_p", 3.0))
+    emb = Embedder(bb.module, head=head)
+    state = {k: v.float() for k, v in _load_state_dict(run_dir / meta["weights"]).items()}
+    missing, unexpected = emb.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LookalikeError(f"{run_dir}: weights do not fit {meta['backbone']} + CGD {meta['descriptors']}/{meta['dim']} "
+                             f"({len(missing)} missing, {len(unexpected)} unexpected); re-export the run")
+    return emb.eval()

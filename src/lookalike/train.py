@@ -1,0 +1,371 @@
+"""Fine-tuning an embedding: backbone + CGD head with a margin-softmax (or pair) loss.
+
+The losses are pytorch-metric-learning's (CosFace, ArcFace, SphereFace, multi-similarity); model
+selection uses the *retrieval* score of a class-disjoint validation split (leave-one-out DIGIX score
+among the validation images). Every epoch a checkpoint is written atomically; ``resume=True``
+continues after an interruption. The exported model (fp16 state dict + ``lookalike_model.json``)
+is what ``lookalike extract --model RUN_DIR`` loads.
+
+Augmentation is done with Pillow (random resized crop, flip, rotation, colour jitter, affine shear,
+random erasing) to avoid a second image stack; see the notes of the training issue.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from ._io import atomic_path, write_json_atomic
+from .data import BadImage, IMAGE_EXTENSIONS, load_image
+from .errors import LookalikeError
+from .metrics import retrieval_metrics
+from .models import MODEL_FILE, CGDHead, Embedder, create_backbone
+
+log = logging.getLogger(__name__)
+LOSSES = ("cosface", "arcface", "sphereface", "multisimilarity")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    output: str
+    model: str = "lite0"
+    weights: str | None = None
+    descriptors: str = "SMG"
+    dim: int = 1536  # total; split evenly between the descriptors (512 each for SMG)
+    gem_p: float = 3.0
+    loss: str = "cosface"
+    margin: float | None = None  # loss default when None
+    scale: float | None = None
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3  # head and loss; the backbone gets lr * backbone_lr_mult
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    accumulate: int = 1
+    val_fraction: float = 0.25
+    seed: int = 0
+    fraction: float = 1.0
+    augment: bool = True
+    patience: int = 3
+    max_steps: int = 0  # stop after this many optimiser steps per epoch (0 = all); for smoke tests
+    val_data: str | None = None  # a given validation set (class folders or CSV) instead of held-out classes
+    time_limit: float = 0  # minutes of training at most (0 = none); the last epoch is cut short
+    workers: int = 2
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise LookalikeError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}")
+
+
+def list_labelled(data) -> list[tuple[Path, str]]:
+    """Class-folder tree (folder = label) or a CSV ``image,label`` (paths relative to the CSV)."""
+    data = Path(data)
+    if data.is_file():
+        from .formats import read_labels
+
+        return [(data.parent / k, v) for k, v in read_labels(data).items()]
+    if not data.is_dir():
+        raise LookalikeError(f"{data}: no such folder or labels CSV")
+    items = []
+    for cls in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for p in sorted(cls.rglob("*")):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+                items.append((p, cls.name))
+    if not items:
+        raise LookalikeError(f"{data}: no class folders with images; expected DATA/<class>/<image>.jpg or a CSV image,label")
+    return items
+
+
+def split_classes(labels: list[str], val_fraction: float, seed: int) -> set[str]:
+    classes = sorted(set(labels))
+    rng = random.Random(seed)
+    rng.shuffle(classes)
+    return set(classes[: max(1, int(round(len(classes) * val_fraction)))]) if val_fraction > 0 else set()
+
+
+def augment(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
+    """Random resized crop (scale 0.35–1), flip, rotation ±15°, shear, colour jitter, erasing."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(0.35, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            img = img.crop((x0, y0, x0 + cw, y0 + ch))
+            break
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img = img.rotate(rng.uniform(-15, 15), resample=Image.Resampling.BILINEAR, fillcolor=(127, 127, 127))
+    shear = rng.uniform(-0.15, 0.15)
+    img = img.transform(img.size, Image.Transform.AFFINE, (1, shear, -shear * img.height / 2, 0, 1, 0),
+                        resample=Image.Resampling.BILINEAR, fillcolor=(127, 127, 127))
+    for enh in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enh(img).enhance(rng.uniform(0.7, 1.3))
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.array(img)
+    if rng.random() < 0.25:  # random erasing
+        eh, ew = rng.randint(size // 8, size // 3), rng.randint(size // 8, size // 3)
+        y, x = rng.randint(0, size - eh), rng.randint(0, size - ew)
+        arr[y : y + eh, x : x + ew] = np.array([rng.randint(0, 255) for _ in range(3)], np.uint8)
+    return Image.fromarray(arr)
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, items, class_index, size, train: bool, seed: int):
+        self.items, self.class_index, self.size, self.train, self.seed = items, class_index, size, train, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        try:
+            img = load_image(path, min_side=self.size)
+        except BadImage:
+            img = Image.new("RGB", (self.size, self.size), (127, 127, 127))
+            label = None
+        if self.train:
+            img = augment(img, self.size, random.Random(hash((self.seed, self.epoch, i))))
+        else:
+            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, np.float32).copy()).permute(2, 0, 1).sub_(127.0).div_(128.0)
+        return x, self.class_index.get(label, -1)
+
+
+def _make_loss(cfg: TrainConfig, num_classes: int):
+    from pytorch_metric_learning import losses
+
+    kw = {}
+    if cfg.margin is not None:
+        kw["margin"] = cfg.margin
+    if cfg.scale is not None:
+        kw["scale"] = cfg.scale
+    if cfg.loss == "cosface":
+        return losses.CosFaceLoss(num_classes, cfg.dim, **kw)
+    if cfg.loss == "arcface":
+        return losses.ArcFaceLoss(num_classes, cfg.dim, **kw)
+    if cfg.loss == "sphereface":
+        return losses.SphereFaceLoss(num_classes, cfg.dim, **kw)
+    return losses.MultiSimilarityLoss(**kw)
+
+
+def _embed_all(model: Embedder, loader, device) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            out.append(model.embed(x.to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def leave_one_out_score(feats: np.ndarray, labels: np.ndarray) -> dict:
+    """Every validation image queries all the others: DIGIX score, top-1, mAP@10."""
+    from .postprocess import knn
+
+    k = min(11, len(feats))
+    _, ids = knn(feats, feats, k)
+    ranked = np.array([[j for j in row if j != i][: k - 1] for i, row in enumerate(ids)])
+    n_rel = np.array([(labels == lab).sum() - 1 for lab in labels])
+    return retrieval_metrics(labels[ranked] == labels[:, None], n_rel)[0]
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dict:
+    """Train, select on validation retrieval, export. Returns the best validation metrics."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise LookalikeError(f"{out}: holds a run already; pass --resume to continue it or choose another -o")
+    items = list_labelled(cfg.data)
+    if cfg.fraction < 1:
+        rng = random.Random(cfg.seed)
+        items = rng.sample(items, max(2, int(len(items) * cfg.fraction)))
+    if cfg.val_data:
+        train_items, val_items = items, list_labelled(cfg.val_data)
+    else:
+        val_classes = split_classes([lab for _, lab in items], cfg.val_fraction, cfg.seed)
+        train_items = [it for it in items if it[1] not in val_classes]
+        val_items = [it for it in items if it[1] in val_classes]
+    counts: dict[str, int] = {}
+    for _, lab in train_items:
+        counts[lab] = counts.get(lab, 0) + 1
+    singles = sorted(c for c, n in counts.items() if n < 2)
+    if singles:
+        log.warning("%d training classes have one image (no positives for pair losses): %s", len(singles), singles[:5])
+    classes = sorted(counts)
+    if len(classes) < 2:
+        raise LookalikeError(f"{cfg.data}: need at least 2 training classes, found {len(classes)}")
+    class_index = {c: i for i, c in enumerate(classes)}
+    write_json_atomic(out / "config.json", asdict(cfg))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bb = create_backbone(cfg.model, cfg.weights)
+    model = Embedder(bb.module, head=CGDHead(bb.channels, cfg.descriptors, cfg.dim, cfg.gem_p)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = _make_loss(cfg, len(classes)).to(device)
+    params = [{"params": model.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_mult},
+              {"params": list(model.head.parameters()) + list(loss_fn.parameters()), "lr": cfg.lr}]
+    opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
+    train_ds = _Images(train_items, class_index, cfg.image_size, cfg.augment, cfg.seed)
+    if not resume:
+        _preview(out / "augmentations.png", train_ds)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_items) > cfg.batch_size,
+                                         num_workers=cfg.workers, persistent_workers=False)
+    val_loader = torch.utils.data.DataLoader(_Images(val_items, {}, cfg.image_size, False, cfg.seed),
+                                             batch_size=cfg.batch_size, num_workers=cfg.workers)
+    steps_per_epoch = max(1, len(loader) // cfg.accumulate)
+    if cfg.max_steps:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    total = steps_per_epoch * cfg.epochs
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warm) if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    start_epoch, best, history, bad_epochs = 0, None, [], 0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        loss_fn.load_state_dict(ck["loss"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        start_epoch, best, bad_epochs = ck["epoch"] + 1, ck["best"] or None, ck["bad_epochs"]
+        history = json.loads(ck["history"])
+        log.info("resumed %s at epoch %d", out, start_epoch)
+    t_start = time.perf_counter()
+    out_of_time = False
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        train_ds.epoch = epoch
+        t0, seen, loss_sum, step = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for i, (x, y) in enumerate(bar):
+            keep = y >= 0
+            if keep.sum() < 2:
+                continue
+            x, y = x[keep].to(device), y[keep].to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                emb = model.embed(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+            loss = loss_fn(emb.float(), y) / cfg.accumulate
+            scaler.scale(loss).backward()
+            if (i + 1) % cfg.accumulate == 0:
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                step += 1
+            loss_sum += float(loss.detach()) * cfg.accumulate * len(y)
+            seen += len(y)
+            if step >= steps_per_epoch:
+                break
+            if cfg.time_limit and time.perf_counter() - t_start > cfg.time_limit * 60:
+                out_of_time = True
+                break
+        val = leave_one_out_score(_embed_all(model, val_loader, device), np.array([lab for _, lab in val_items])) \
+            if len(val_items) > 1 else {"digix_score": float("nan"), "top1": float("nan"), "mAP@10": float("nan")}
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_top1": val["top1"],
+               "val_mAP@10": val["mAP@10"], "val_score": val["digix_score"], "seconds": time.perf_counter() - t0,
+               "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+        history.append(row)
+        improved = best is None or not (val["digix_score"] <= best["val_score"])
+        if improved:
+            best, bad_epochs = row, 0
+            _save_weights(model, out / "best.pt")
+        else:
+            bad_epochs += 1
+        with atomic_path(ckpt_path, suffix=".pt") as tmp:
+            torch.save({"model": model.state_dict(), "loss": loss_fn.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "epoch": epoch, "best": best, "bad_epochs": bad_epochs,
+                        "history": json.dumps(history)}, tmp)
+        _write_history(out, history)
+        if cfg.patience and bad_epochs >= cfg.patience:
+            log.info("early stop after epoch %d", epoch + 1)
+            break
+        if out_of_time:
+            log.info("time limit reached in epoch %d", epoch + 1)
+            break
+    export(out, cfg, len(classes))
+    return best or {}
+
+
+def _preview(path: Path, ds: "_Images", n: int = 8) -> None:
+    """A strip of n training images as the network sees them (after augmentation)."""
+    tiles = []
+    for i in range(min(n, len(ds))):
+        x, _ = ds[(i * 7919) % len(ds)]
+        tiles.append(Image.fromarray((x.permute(1, 2, 0).numpy() * 128 + 127).clip(0, 255).astype(np.uint8)))
+    if not tiles:
+        return
+    s = ds.size
+    sheet = Image.new("RGB", (s * len(tiles), s), (255, 255, 255))
+    for i, t in enumerate(tiles):
+        sheet.paste(t, (i * s, 0))
+    with atomic_path(path, suffix=".png") as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def _save_weights(model: Embedder, path: Path) -> None:
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    with atomic_path(out / "metrics.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ep = [r["epoch"] for r in history]
+    ax[0].plot(ep, [r["train_loss"] for r in history], marker="o")
+    ax[0].set(title="training loss", xlabel="epoch")
+    ax[1].plot(ep, [r["val_score"] for r in history], marker="o", label="score")
+    ax[1].plot(ep, [r["val_top1"] for r in history], marker=".", label="top-1")
+    ax[1].plot(ep, [r["val_mAP@10"] for r in history], marker=".", label="mAP@10")
+    ax[1].set(title="validation retrieval", xlabel="epoch")
+    ax[1].legend()
+    fig.tight_layout()
+    with atomic_path(out / "curves.png", suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def export(out: Path, cfg: TrainConfig, num_classes: int) -> Path:
+    """fp16 weights of the best epoch (``torch.load(weights_only=True)``) + model description + ONNX."""
+    state = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    with atomic_path(out / "model_fp16.pt", suffix=".pt") as tmp:
+        torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}, tmp)
+    meta = {"backbone": cfg.model, "backbone_weights": cfg.weights, "descriptors": cfg.descriptors, "dim": cfg.dim,
+            "gem_p": cfg.gem_p, "image_size": cfg.image_size, "classes": num_classes, "weights": "model_fp16.pt",
+            "loss": cfg.loss}
+    write_json_atomic(out / MODEL_FILE, meta)
+    from .extract import export_onnx
+    from .models import load_trained
+
+    export_onnx(load_trained(out), out / "model.onnx")
+    size = sum(os.path.getsize(out / f) for f in ("model_fp16.pt",))
+    log.info("exported %s (%.1f MB fp16)", out, size / 1e6)
+    return out
