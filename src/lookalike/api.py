@@ -19,7 +19,7 @@ import numpy as np
 
 from ._io import write_json_atomic, write_text_atomic
 from .errors import LookalikeError
-from .extract import ExtractConfig, ExtractResult, Extractor
+from .extract import ExtractConfig, ExtractResult, Extractor, write_skipped_csv
 from .formats import NAIC_K, format_for_path, read_labels, read_results, write_results
 from .index import Collection, IndexConfig, build_index as _build_index, load_collection
 from .metrics import relevance_matrix, retrieval_metrics
@@ -248,19 +248,9 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     write_results(output, fmt, q.names, col.names, scores, idx)
     sres = SearchResult(q.names, scores, idx, col.names, output, fmt, q)
     skipped_csv = output.with_name("skipped.csv")
-    _write_run_skipped(skipped_csv, g.skipped, q.skipped)
+    write_skipped_csv(skipped_csv, {"gallery": g.skipped, "queries": q.skipped})
     write_json_atomic(output.with_name(output.name + ".config.json"), {"command": "run", **asdict(config), "spatial": spatial or None})
     return RunResult(sres, g, index_dir, workdir, skipped_csv, time.perf_counter() - t0)
-
-
-def _write_run_skipped(path: Path, gallery_skipped, query_skipped) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["set", "image", "reason"])
-    for set_name, rows in (("gallery", gallery_skipped), ("queries", query_skipped)):
-        for name, reason in rows:
-            w.writerow([set_name, name, reason])
-    write_text_atomic(path, buf.getvalue())
 
 
 @dataclass

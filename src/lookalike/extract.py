@@ -462,15 +462,19 @@ class Extractor:
         return last + 1
 
 
-def write_skipped_csv(path: Path, skipped: list[tuple[str, str]], set_name: str | None = None) -> None:
+def write_skipped_csv(path: Path, skipped: list[tuple[str, str]] | dict[str, list[tuple[str, str]]]) -> None:
+    """``image,reason`` rows for one set, or ``set,image,reason`` for a dict {set name: rows}."""
     import csv
     import io
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["set", "image", "reason"] if set_name is not None else ["image", "reason"])
-    for name, reason in skipped:
-        w.writerow([set_name, name, reason] if set_name is not None else [name, reason])
+    if isinstance(skipped, dict):
+        w.writerow(["set", "image", "reason"])
+        w.writerows([set_name, name, reason] for set_name, rows in skipped.items() for name, reason in rows)
+    else:
+        w.writerow(["image", "reason"])
+        w.writerows(skipped)
     write_text_atomic(path, buf.getvalue())
 
 
