@@ -66,7 +66,10 @@ def _resolve_k(k: int | None, fmt: str, n_gallery: int) -> int:
         if k is not None and k != want:
             raise LookalikeError(f"NAIC results hold exactly {want} names per query; drop -k or use -k {want}")
         return want
-    return 10 if k is None else k
+    k = 10 if k is None else k
+    if k > n_gallery:
+        raise LookalikeError(f"k={k} is larger than the gallery ({n_gallery} images); use -k {n_gallery} or less")
+    return k
 
 
 def as_rerank_config(rerank) -> RerankConfig | None:
@@ -128,27 +131,10 @@ def search(index_dir, queries=None, query_features=None, output=None, k: int | N
            **extract_overrides) -> SearchResult:
     """``lookalike search``: top-k gallery names for each query (images or a feature store)."""
     t0 = time.perf_counter()
-    if (queries is None) == (query_features is None):
-        raise LookalikeError("give either --queries (images) or --query-features (a feature store), not both")
     col = collection or load_collection(index_dir)
     fmt = format_for_path(output, format) if output else (format or "csv")
     k = _resolve_k(k, fmt, len(col))
-    if k > len(col):
-        raise LookalikeError(f"k={k} is larger than the gallery ({len(col)} images); use -k {len(col)} or less")
-    ext = None
-    if query_features is not None:
-        store = read_store(query_features)
-        names, feats, model_id = store.names, store.features, store.model_id
-        source = str(query_features)
-    else:
-        cfg = ExtractConfig.from_dict({**col.manifest.get("extract_config", {}), **extract_overrides})
-        if not col.manifest.get("extract_config") and not extract_overrides:
-            log.warning("index has no extract config; embedding queries with the defaults")
-        workdir = Path(workdir) if workdir else Path(index_dir) / "queries"
-        store_path = workdir / f"queries-{_path_key(queries)}-{cfg.fingerprint()}.h5"
-        ext = Extractor(cfg).extract(queries, store_path, progress=progress, label="queries")
-        names, feats, model_id, source = ext.names, ext.features, cfg.model_id(), str(queries)
-    col.check_queries(feats, model_id, source)
+    names, feats, ext = _query_features(col, index_dir, queries, query_features, workdir, progress, extract_overrides)
     rr = as_rerank_config(rerank)
     scores, idx = _search_batched(col, feats, k, progress, rr)
     if spatial:
@@ -163,6 +149,28 @@ def search(index_dir, queries=None, query_features=None, output=None, k: int | N
                                                  rerank=rr.to_dict() if rr else None)), "spatial": spatial or None})
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _query_features(col: Collection, index_dir, queries, query_features, workdir, progress: bool,
+                    extract_overrides: dict | None = None):
+    """Query names and features from a store, or extracted (and cached) with the index's settings;
+    checked against the index. Returns (names, features, ExtractResult or None)."""
+    if (queries is None) == (query_features is None):
+        raise LookalikeError("give either --queries (images) or --query-features (a feature store), not both")
+    ext = None
+    if query_features is not None:
+        store = read_store(query_features)
+        names, feats, model_id, source = store.names, store.features, store.model_id, str(query_features)
+    else:
+        cfg = ExtractConfig.from_dict({**col.manifest.get("extract_config", {}), **(extract_overrides or {})})
+        if not col.manifest.get("extract_config") and not extract_overrides:
+            log.warning("index has no extract config; embedding queries with the defaults")
+        workdir = Path(workdir) if workdir else Path(index_dir) / "queries"
+        store_path = workdir / f"queries-{_path_key(queries)}-{cfg.fingerprint()}.h5"
+        ext = Extractor(cfg).extract(queries, store_path, progress=progress, label="queries")
+        names, feats, model_id, source = ext.names, ext.features, cfg.model_id(), str(queries)
+    col.check_queries(feats, model_id, source)
+    return names, feats, ext
 
 
 def _path_key(path) -> str:
@@ -240,8 +248,6 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     q = extractor.extract(queries, q_store, progress=progress, label="queries")
     col.check_queries(q.features, cfg.model_id(), str(queries))
     kk = _resolve_k(k, fmt, len(col))
-    if kk > len(col):
-        raise LookalikeError(f"k={kk} is larger than the gallery ({len(col)} images); use -k {len(col)} or less")
     scores, idx = _search_batched(col, q.features, kk, progress, rr)
     if spatial:
         scores, idx = _spatial(scores, idx, queries, q.names, col, spatial, workdir / "local-features")
@@ -329,19 +335,8 @@ def tune(index_dir, labels, queries=None, query_features=None, output=None, k: i
     an index; writes the best chain (and the whole table) as JSON for ``search --rerank FILE``."""
     from .tune import tune as _tune
 
-    if (queries is None) == (query_features is None):
-        raise LookalikeError("give either --queries (images) or --query-features (a feature store), not both")
     col = load_collection(index_dir)
-    if query_features is not None:
-        store = read_store(query_features)
-        names, feats, model_id = store.names, store.features, store.model_id
-    else:
-        cfg = ExtractConfig.from_dict(col.manifest.get("extract_config", {}))
-        workdir = Path(workdir) if workdir else Path(index_dir) / "queries"
-        ext = Extractor(cfg).extract(queries, workdir / f"queries-{_path_key(queries)}-{cfg.fingerprint()}.h5",
-                                     progress=progress, label="queries")
-        names, feats, model_id = ext.names, ext.features, cfg.model_id()
-    col.check_queries(feats, model_id, str(queries or query_features))
+    names, feats, _ = _query_features(col, index_dir, queries, query_features, workdir, progress)
     label_of = read_labels(labels)
     for kind, group in (("query", names), ("gallery image", col.names)):
         missing = [n for n in group if n not in label_of]
