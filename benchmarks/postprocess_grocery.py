@@ -28,6 +28,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/datasets/grocery_store")
     ap.add_argument("--workdir", default="bench-out/quality")
+    ap.add_argument("--model", default="lite0", help="lite0, or a RUN_DIR from lookalike train")
     ap.add_argument("--pooling", default="spoc")
     ap.add_argument("--tta", default="")
     ap.add_argument("--json", default=None)
@@ -39,7 +40,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     listing = work / "all_images.txt"
     listing.write_text("".join(f"{path[id(r)]}\n" for r in rows))
-    ex = Extractor(pooling=args.pooling, tta=args.tta)
+    ex = Extractor(model=args.model, pooling=args.pooling, tta=args.tta)
     res = ex.extract(listing, work / f"{ex.config.fingerprint()}.h5", progress=False)
     pos = {n: i for i, n in enumerate(res.names)}
     feats = res.features
@@ -52,7 +53,7 @@ def main():
     vg, vgl = split({"train", "iconic"})
     tq, tql = split({"test"})
     tg, tgl = split({"train", "val", "iconic"})
-    print(f"features: {args.pooling}{' + tta ' + args.tta if args.tta else ''}; tune: {len(vq)} val queries vs "
+    print(f"features: {args.model}, {args.pooling}{' + tta ' + args.tta if args.tta else ''}; tune: {len(vq)} val queries vs "
           f"{len(vg)} gallery; test: {len(tq)} queries vs {len(tg)} gallery")
 
     def test_score(cfg: RerankConfig, whiten: PCAWhitening | None = None) -> dict:
