@@ -78,20 +78,25 @@ class LocalFeatures:
         self.memory[key] = out
         return out
 
+    def _empty(self) -> tuple[np.ndarray, np.ndarray]:
+        """No keypoints (unreadable or featureless image): matches nothing."""
+        orb = self.config.method == "orb"
+        return np.zeros((0, 2), np.float32), np.zeros((0, 32 if orb else 128), np.uint8 if orb else np.float32)
+
     def _compute(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         cv2 = _cv2()
         c = self.config
         try:
             img = load_image(path, min_side=c.max_side)
         except BadImage:
-            return np.zeros((0, 2), np.float32), np.zeros((0, 32 if c.method == "orb" else 128), np.uint8 if c.method == "orb" else np.float32)
+            return self._empty()
         f = min(1.0, c.max_side / max(img.size))
         if f < 1:
             img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))))
         gray = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2GRAY)
         kps, desc = self.detector.detectAndCompute(gray, None)
         if desc is None or not kps:
-            return np.zeros((0, 2), np.float32), np.zeros((0, 32 if c.method == "orb" else 128), np.uint8 if c.method == "orb" else np.float32)
+            return self._empty()
         return np.array([k.pt for k in kps], np.float32), desc
 
 
