@@ -273,7 +273,15 @@ def tune(obj, index_dir, labels, queries, query_features, k, output, workdir):
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--accumulate", type=int, default=1, show_default=True)
+@click.option("--accumulate", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--sampler", type=click.Choice(["random", "pk"]), default="random", show_default=True,
+              help="pk: batch-size/K classes x K images per batch (for pair losses).")
+@click.option("--pk-k", type=int, default=4, show_default=True, help="Images per class in a P x K batch.")
+@click.option("--freeze-blocks", type=int, default=0, show_default=True,
+              help="Keep the first N backbone units (stem, blocks, ...) frozen.")
+@click.option("--freeze-epochs", type=float, default=0, show_default=True,
+              help="Train the head only for N epochs, then unfreeze the backbone.")
 @click.option("--val-fraction", type=float, default=0.25, show_default=True, help="Share of classes held out.")
 @click.option("--val-data", type=click.Path(), default=None, help="A given validation set (class folders or CSV) instead.")
 @click.option("--time-limit", type=float, default=0, help="Minutes of training at most.")
@@ -281,7 +289,8 @@ def tune(obj, index_dir, labels, queries, query_features, k, output, workdir):
 @click.option("--no-augment", is_flag=True)
 @click.option("--patience", type=int, default=3, show_default=True)
 @click.option("--max-steps", type=int, default=0, help="Optimiser steps per epoch at most (smoke tests).")
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Image-loading processes.")
+@click.option("--threads", type=int, default=0, help="Torch CPU threads (0 = all cores, split between torchrun processes).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in OUTPUT after an interruption.")
 @click.pass_obj
