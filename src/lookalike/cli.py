@@ -38,7 +38,11 @@ def _handle_errors(fn):
 
 def extract_options(fn):
     opts = [
-        click.option("--model", default="lite0", show_default=True, help="Backbone: lite0, lite1, lite2 or package.module:factory."),
+        click.option("--model", multiple=True, default=["lite0"], show_default=True,
+                     help="lite0, lite1, lite2, timm:NAME, package.module:factory, or a `lookalike train` run folder; "
+                          "repeat for an ensemble (features concatenated)."),
+        click.option("--ensemble-weights", default=None, help="Comma list, one weight per --model (default: equal)."),
+        click.option("--max-model-mb", type=float, default=500.0, show_default=True, help="Cap on the total model size."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state_dict) for the backbone."),
         click.option("--pooling", default="spoc", show_default=True, help="gap, mac, spoc or gem."),
         click.option("--gem-p", type=float, default=3.0, show_default=True, help="GeM exponent."),
@@ -73,8 +77,8 @@ def whiten_options(fn):
 def rerank_options(fn):
     opts = [
         click.option("--rerank", default=None,
-                     help="Post-processing chain, in order: comma list of dba, qe (alpha-QE), aqe, kr (k-reciprocal, last); "
-                          "or a JSON file written by `lookalike tune`."),
+                     help="Post-processing chain, in order: comma list of dba, qe (alpha-QE), aqe, then kr (k-reciprocal) "
+                          "or df (diffusion) last; or a JSON file written by `lookalike tune`."),
         click.option("--dba-k", type=int, default=2, show_default=True),
         click.option("--dba-alpha", type=float, default=3.0, show_default=True),
         click.option("--qe-k", type=int, default=2, show_default=True),
@@ -82,6 +86,10 @@ def rerank_options(fn):
         click.option("--k1", type=int, default=20, show_default=True, help="k-reciprocal neighbourhood."),
         click.option("--k2", type=int, default=6, show_default=True, help="k-reciprocal local query expansion."),
         click.option("--kr-lambda", type=float, default=0.3, show_default=True, help="Weight of the original distance."),
+        click.option("--df-k", type=int, default=30, show_default=True, help="Diffusion: gallery k-NN graph size."),
+        click.option("--df-query-k", type=int, default=10, show_default=True, help="Diffusion: query neighbours seeded."),
+        click.option("--df-alpha", type=float, default=0.99, show_default=True, help="Diffusion: walk continuation (0..1)."),
+        click.option("--df-gamma", type=float, default=3.0, show_default=True, help="Diffusion: similarity exponent."),
         click.option("--spatial", default=None, help="Spatial verification of the top-N with local features: sift or orb "
                                                      "(needs pip install 'lookalike[spatial]')."),
         click.option("--spatial-top-n", type=int, default=20, show_default=True),
@@ -99,7 +107,8 @@ def _spatial_arg(kw: dict):
 
 def _rerank_arg(kw: dict):
     steps = kw.pop("rerank")
-    params = {k: kw.pop(k) for k in ("dba_k", "dba_alpha", "qe_k", "qe_alpha", "k1", "k2", "kr_lambda")}
+    params = {k: kw.pop(k) for k in ("dba_k", "dba_alpha", "qe_k", "qe_alpha", "k1", "k2", "kr_lambda",
+                                     "df_k", "df_query_k", "df_alpha", "df_gamma")}
     if steps is None:
         return None
     if steps.endswith(".json"):
@@ -115,9 +124,15 @@ def _index_config(kw: dict, factory: str):
 
 
 def _extract_kwargs(kw: dict) -> dict:
-    keys = ("model", "weights", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "precision", "batch_size", "workers", "threads", "chunk_size")
+    keys = ("model", "weights", "max_model_mb", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "precision", "batch_size", "workers", "threads", "chunk_size")
     out = {k: kw.pop(k) for k in keys}
     out["dtype"] = "float16" if kw.pop("float16") else "float32"
+    weights = kw.pop("ensemble_weights")
+    if weights:
+        try:
+            out["ensemble_weights"] = tuple(float(w) for w in weights.split(","))
+        except ValueError:
+            raise LookalikeError(f"--ensemble-weights {weights!r}: give numbers separated by commas, e.g. 1,0.5") from None
     return out
 
 

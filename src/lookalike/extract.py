@@ -41,8 +41,10 @@ MULTISCALES = (1.0, 1 / math.sqrt(2), math.sqrt(2))
 class ExtractConfig:
     """Everything that decides what features an image gets (plus speed knobs that do not)."""
 
-    model: str = "lite0"
+    model: str | tuple[str, ...] = "lite0"  # several: an ensemble (features concatenated)
     weights: str | None = None
+    ensemble_weights: tuple[float, ...] = ()  # one per ensemble member (default: equal)
+    max_model_mb: float = 500.0  # cap on the total size of the model files (the DIGIX rule)
     pooling: str = "spoc"  # best zero-shot on grocery (BENCHMARKS.md); gem for fine-tuned models
     gem_p: float = 3.0
     image_size: int = 224
@@ -60,6 +62,17 @@ class ExtractConfig:
 
     def __post_init__(self):
         self.tta = comma_choices(self.tta, TTA_CHOICES, "TTA")
+        if not isinstance(self.model, str):
+            models = tuple(str(m) for m in self.model)
+            if not models:
+                raise LookalikeError("no model given")
+            self.model = models[0] if len(models) == 1 else models
+        self.ensemble_weights = tuple(float(w) for w in self.ensemble_weights or ())
+        if self.ensemble_weights and len(self.ensemble_weights) != len(self.members()):
+            raise LookalikeError(f"{len(self.ensemble_weights)} ensemble weights for {len(self.members())} models; "
+                                 "give one weight per --model")
+        if isinstance(self.model, tuple) and self.weights:
+            raise LookalikeError("--weights applies to one backbone; for an ensemble, train or register each member")
         if self.engine not in ENGINES:
             raise LookalikeError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if self.precision not in ("fp32", "bf16"):
@@ -84,7 +97,34 @@ class ExtractConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tta"] = list(self.tta)
+        d["ensemble_weights"] = list(self.ensemble_weights)
+        if isinstance(self.model, tuple):
+            d["model"] = list(self.model)
         return d
+
+    # --- ensembles
+    def members(self) -> list["ExtractConfig"]:
+        """One config per ensemble member (just ``[self]`` for a single model)."""
+        if isinstance(self.model, str):
+            return [self]
+        return [replace(self, model=m, ensemble_weights=()) for m in self.model]
+
+    @property
+    def model_name(self) -> str:
+        return self.model if isinstance(self.model, str) else "+".join(self.model)
+
+    def check_model_size(self) -> float:
+        """Total MB of the members' weight files; over ``max_model_mb`` is an error."""
+        sizes = []
+        for m in self.members():
+            f = m.weights_file()
+            sizes.append(os.path.getsize(f) / 1e6 if f and os.path.exists(f) else 0.0)
+        total = sum(sizes)
+        if self.max_model_mb and total > self.max_model_mb:
+            each = ", ".join(f"{m.model} {s:.0f} MB" for m, s in zip(self.members(), sizes))
+            raise LookalikeError(f"the models take {total:.0f} MB ({each}), over the {self.max_model_mb:g} MB cap; "
+                                 "drop a member, export in fp16, or raise --max-model-mb")
+        return total
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExtractConfig":
@@ -113,9 +153,12 @@ class ExtractConfig:
         return None
 
     def model_id(self) -> str:
-        """Identity of the embedding space: backbone, weights and pooling."""
+        """Identity of the embedding space: backbone, weights and pooling (of every ensemble member)."""
         from .models import is_trained_model, weights_digest
 
+        if isinstance(self.model, tuple):
+            key = dict(ensemble=[m.model_id() for m in self.members()], weights=list(self.ensemble_weights))
+            return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         trained = is_trained_model(self.model)
         key = dict(model="trained" if trained else self.model, weights=weights_digest(self.weights_file()),
                    pooling="head" if trained else self.pooling,
@@ -259,8 +302,11 @@ class Extractor:
 
     # --- network
     def build_embedder(self):
-        from .models import Embedder, create_backbone, is_trained_model, load_trained
+        from .models import Embedder, EnsembleEmbedder, create_backbone, is_trained_model, load_trained
 
+        if isinstance(self.config.model, tuple):
+            return EnsembleEmbedder([Extractor(m).build_embedder() for m in self.config.members()],
+                                    self.config.ensemble_weights).eval()
         if is_trained_model(self.config.model):
             return load_trained(self.config.model)
         bb = create_backbone(self.config.model, self.config.weights)
@@ -270,13 +316,14 @@ class Extractor:
     def runner(self):
         if self._runner is None:
             c = self.config
+            c.check_model_size()
             engine = c.engine
             if engine == "auto":
                 engine = "torch" if _cuda_available() else "onnx"
             if engine in ("onnx", "openvino"):
                 path = cache_dir() / "onnx" / f"{c.model_id()}-opset17.onnx"
                 if not path.exists():
-                    log.info("exporting %s to ONNX (once): %s", c.model, path)
+                    log.info("exporting %s to ONNX (once): %s", c.model_name, path)
                     export_onnx(self.build_embedder(), path)
                 if engine == "onnx":
                     self._runner = OnnxRunner(path, c.threads)
@@ -428,7 +475,7 @@ class Extractor:
 
     def store_attrs(self) -> dict:
         c = self.config
-        return dict(fingerprint=c.fingerprint(), model_id=c.model_id(), model=c.model, pooling=c.pooling,
+        return dict(fingerprint=c.fingerprint(), model_id=c.model_id(), model=c.model_name, pooling=c.pooling,
                     preprocess=json.dumps(c.preprocess.to_dict()), config=json.dumps(c.to_dict()),
                     created_by=f"lookalike {__version__}")
 

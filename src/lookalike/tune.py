@@ -13,11 +13,11 @@ import numpy as np
 
 from .errors import LookalikeError
 from .metrics import retrieval_metrics
-from .postprocess import RerankConfig, knn, l2n, rerank
+from .postprocess import FINAL_STEPS, RerankConfig, knn, l2n, rerank
 
 
 def default_grid(n_gallery: int) -> list[RerankConfig]:
-    """No post-processing, DBA, αQE/AQE, their combinations, and k-reciprocal on top."""
+    """No post-processing, DBA, αQE/AQE, their combinations, k-reciprocal and diffusion."""
     grid = [RerankConfig()]
     dbas = [RerankConfig(("dba",), dba_k=k, dba_alpha=a) for k in (2, 3, 5) for a in (0.0, 3.0)]
     qes = [RerankConfig(("qe",), qe_k=k, qe_alpha=a) for k in (1, 2, 3, 5) for a in (0.0, 3.0)]
@@ -28,6 +28,9 @@ def default_grid(n_gallery: int) -> list[RerankConfig]:
            if k1 < n_gallery]
     for kr in krs:
         grid.append(RerankConfig(("kr",), **kr))
+    for gk, qk, a in itertools.product((10, 20, 50), (5, 10), (0.9, 0.99)):
+        if gk < n_gallery:
+            grid.append(RerankConfig(("df",), df_k=gk, df_query_k=qk, df_alpha=a))
     return grid
 
 
@@ -57,12 +60,15 @@ def tune(queries: np.ndarray, gallery: np.ndarray, query_labels, gallery_labels,
     for cfg in grid:
         results.append((cfg, score(cfg)))
     if with_kr_on_best:
-        # k-reciprocal after the best expansion chain
-        best_exp = max((r for r in results if r[0].steps and "kr" not in r[0].steps), key=lambda r: r[1]["digix_score"], default=None)
-        best_kr = max((r for r in results if "kr" in r[0].steps), key=lambda r: r[1]["digix_score"], default=None)
-        if best_exp and best_kr:
-            cfg = replace(best_exp[0], steps=best_exp[0].steps + ("kr",), k1=best_kr[0].k1, k2=best_kr[0].k2,
-                          kr_lambda=best_kr[0].kr_lambda)
-            results.append((cfg, score(cfg)))
+        # the best k-reciprocal and the best diffusion, each after the best expansion chain
+        best_exp = max((r for r in results if r[0].steps and not set(r[0].steps) & set(FINAL_STEPS)),
+                       key=lambda r: r[1]["digix_score"], default=None)
+        for final in FINAL_STEPS:
+            best_final = max((r for r in results if final in r[0].steps), key=lambda r: r[1]["digix_score"], default=None)
+            if best_exp and best_final:
+                params = {f: getattr(best_final[0], f) for f in
+                          (("k1", "k2", "kr_lambda") if final == "kr" else ("df_k", "df_query_k", "df_gamma", "df_alpha"))}
+                cfg = replace(best_exp[0], steps=best_exp[0].steps + (final,), **params)
+                results.append((cfg, score(cfg)))
     results.sort(key=lambda r: -r[1]["digix_score"])
     return results
