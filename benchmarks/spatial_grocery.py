@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--top-n", type=int, default=20)
     ap.add_argument("--min-inliers", type=int, default=12)
     ap.add_argument("--max-queries", type=int, default=0, help="0 = all packaged-class test queries")
+    ap.add_argument("--model", default="lite0", help="lite0 (zero-shot, SPoC), or a RUN_DIR from lookalike train")
+    ap.add_argument("--all-classes", action="store_true", help="every test query, not only the packaged classes")
     args = ap.parse_args()
     root = Path(args.data)
     rows = list(csv.DictReader(open(root / "labels.csv", newline="")))
@@ -38,10 +40,10 @@ def main():
     work = Path(args.workdir)
     listing = work / "all_images.txt"
     listing.write_text("".join(f"{path[id(r)]}\n" for r in rows))
-    ex = Extractor()
+    ex = Extractor(model=args.model)
     res = ex.extract(listing, work / f"{ex.config.fingerprint()}.h5", progress=False)
     pos = {n: i for i, n in enumerate(res.names)}
-    qs = [r for r in rows if r["split"] == "test" and r["coarse_name"] in PACKAGED]
+    qs = [r for r in rows if r["split"] == "test" and (args.all_classes or r["coarse_name"] in PACKAGED)]
     if args.max_queries:
         qs = qs[:: max(1, len(qs) // args.max_queries)][: args.max_queries]
     gs = [r for r in rows if r["split"] in ("train", "val", "iconic")]
@@ -60,7 +62,7 @@ def main():
     _, ids2, inl = spatial_rerank([path[id(r)] for r in qs], [path[id(r)] for r in gs], scores, ids, cfg, features=lf)
     secs = time.perf_counter() - t0
     after = retrieval_metrics(gl[ids2[:, :10]] == ql[:, None], n_rel)[0]
-    print(f"{len(qs)} packaged-product test queries vs {len(gs)} gallery; {args.method}, top-{args.top_n}, "
+    print(f"{len(qs)} {'' if args.all_classes else 'packaged-product '}test queries ({args.model}) vs {len(gs)} gallery; {args.method}, top-{args.top_n}, "
           f"min {args.min_inliers} inliers")
     print(f"before: top-1 {before['top1']:.4f}  mAP@10 {before['mAP@10']:.4f}  score {before['digix_score']:.4f}")
     print(f"after : top-1 {after['top1']:.4f}  mAP@10 {after['mAP@10']:.4f}  score {after['digix_score']:.4f}")
