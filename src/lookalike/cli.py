@@ -320,6 +320,108 @@ def train(obj, data, output, resume, no_augment, **kw):
                f"use: lookalike extract IMAGES --model {output}")
 
 
+@main.group()
+def codec():
+    """Feature coding at a fixed byte budget (NAIC): fit, encode, decode, evaluate."""
+
+
+@codec.command("fit")
+@click.argument("feats", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Codec file (.npz).")
+@click.option("--bytes", "nbytes", type=int, required=True, help="Bytes per vector (NAIC: 16, 32, 64, 128, 256).")
+@click.option("--method", type=click.Choice(["sq", "pq", "opq", "learned"]), default="learned", show_default=True)
+@click.option("--bits", type=click.Choice(["8", "4"]), default="8", show_default=True, help="sq: bits per dimension.")
+@click.option("--labels", type=click.Path(), default=None, help="CSV image,label or NAIC train_list.txt (learned codec).")
+@click.option("--epochs", type=int, default=30, show_default=True, help="learned: training epochs.")
+@click.option("--latent-dim", type=int, default=None, help="learned: latent size (default: chosen on held-out data).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_handle_errors
+def codec_fit(feats, output, nbytes, method, bits, labels, epochs, latent_dim, seed):
+    """Fit a codec on training features (a store .h5 or a folder of NAIC .dat files)."""
+    from .codec import Codec, load_features, load_labels_for
+
+    names, x = load_features(feats)
+    y = load_labels_for(names, labels) if labels else None
+    c = Codec(nbytes=nbytes, method=method, bits=int(bits), latent_dim=latent_dim, epochs=epochs, seed=seed).fit(x, y)
+    c.save(output)
+    click.echo(f"codec: {method}, {nbytes} bytes per vector, {c.dim_}-d -> latent {c.latent_dim_}; fitted on {len(x)} "
+               f"vectors -> {output}")
+
+
+@codec.command("encode")
+@click.argument("feats", type=click.Path())
+@click.option("-c", "--codec", "codec_path", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Code file.")
+@click.option("--naic-dir", type=click.Path(file_okay=False), default=None, help="Also one NAME.dat of exactly B bytes per image.")
+@_handle_errors
+def codec_encode(feats, codec_path, output, naic_dir):
+    """Encode features to exactly B bytes each."""
+    from .codec import Codec, load_features, write_codes
+    from .formats import write_naic_codes
+
+    if not output and not naic_dir:
+        raise LookalikeError("give -o CODES and/or --naic-dir DIR")
+    c = Codec.load(codec_path)
+    names, x = load_features(feats)
+    codes = c.encode(x)
+    if output:
+        write_codes(output, codes, c, names)
+    if naic_dir:
+        write_naic_codes(naic_dir, names, codes)
+    click.echo(f"encoded {len(codes)} vectors at {c.nbytes} bytes -> {output or naic_dir}")
+
+
+@codec.command("decode")
+@click.argument("codes", type=click.Path())
+@click.option("-c", "--codec", "codec_path", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Feature store (.h5).")
+@click.option("--naic-dir", type=click.Path(file_okay=False), default=None, help="Also write NAIC float32 .dat files.")
+@_handle_errors
+def codec_decode(codes, codec_path, output, naic_dir):
+    """Reconstruct features from a code file (or a folder of NAIC code .dat files)."""
+    from .codec import Codec, read_codes
+    from .formats import read_naic_codes, write_naic_features
+    from .store import write_store
+
+    c = Codec.load(codec_path)
+    if Path(codes).is_dir():
+        names, arr = read_naic_codes(codes, c.nbytes)
+    else:
+        arr, names = read_codes(codes, c)
+        names = names or [str(i) for i in range(len(arr))]
+    feats = c.decode(arr)
+    write_store(output, names, feats, {"model": f"decoded:{c.method}", "codec": c.describe(), "model_id": "decoded",
+                                       "fingerprint": "decoded", "created_by": f"lookalike {__version__}"})
+    if naic_dir:
+        write_naic_features(naic_dir, names, feats)
+    click.echo(f"decoded {len(arr)} vectors -> {output}")
+
+
+@codec.command("evaluate")
+@click.argument("feats", type=click.Path())
+@click.option("-c", "--codec", "codec_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--labels", type=click.Path(), default=None, help="CSV image,label or train_list.txt: retrieval metrics.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
+@_handle_errors
+def codec_evaluate(feats, codec_path, labels, json_out):
+    """Reconstruction error and retrieval with reconstructed vs. original features."""
+    from ._io import write_json_atomic
+    from .codec import Codec, evaluate_codec, load_features, load_labels_for
+
+    c = Codec.load(codec_path)
+    names, x = load_features(feats)
+    m = evaluate_codec(c, x, load_labels_for(names, labels) if labels else None)
+    line = (f"{c.method} {c.nbytes} B: relative error {m['relative_squared_error']:.4f}, cosine {m['cosine_to_original']:.4f}")
+    if "digix_score" in m:
+        line += (f"; top-1 {m['top1']:.4f} mAP@10 {m['mAP@10']:.4f} score {m['digix_score']:.4f} "
+                 f"({100 * m['score_ratio']:.1f}% of float32 {m['digix_score_float32']:.4f})")
+    else:
+        line += f"; neighbour recall@10 {m['neighbour_recall@10']:.4f}"
+    click.echo(line + f"; encode {m['encode_per_s']:.0f}/s, decode {m['decode_per_s']:.0f}/s")
+    if json_out:
+        write_json_atomic(json_out, m)
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--variants", type=int, default=3, show_default=True, help="Query photos made per gallery photo.")

@@ -4,6 +4,10 @@
 - NAIC: UTF-8 JSON ``{"query.png": ["g1.png", ... 100 names]}`` (exactly 100, or the gallery size).
 - CSV: header ``query,rank,gallery,score``, rank starting at 1.
 Readers detect the format from the content, so ``evaluate`` takes any of them.
+
+NAIC feature coding I/O: a folder of ``NAME.dat`` files, each one little-endian float32 vector
+(features) or exactly B bytes (codes); ``train_list.txt`` lines ``filename id``. An image's name is
+its file name without ``.dat``.
 """
 from __future__ import annotations
 
@@ -133,3 +137,75 @@ def write_labels(path: str | os.PathLike, labels: dict[str, str]) -> None:
     for k, v in labels.items():
         w.writerow([k, v])
     write_text_atomic(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- NAIC feature-coding files
+
+
+def _dat_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).glob("*.dat") if p.is_file())
+    if not files:
+        raise LookalikeError(f"{folder}: no .dat files; expected one NAME.dat per image")
+    return files
+
+
+def read_naic_features(folder) -> tuple[list[str], np.ndarray]:
+    """Every ``NAME.dat`` (little-endian float32, all the same length) -> (names, (n, d) float32)."""
+    files = _dat_files(Path(folder))
+    size = files[0].stat().st_size
+    if size == 0 or size % 4:
+        raise LookalikeError(f"{files[0]}: {size} bytes is not a float32 vector; expected 4·d bytes")
+    out = np.empty((len(files), size // 4), np.float32)
+    for i, f in enumerate(files):
+        data = f.read_bytes()
+        if len(data) != size:
+            raise LookalikeError(f"{f}: {len(data)} bytes, but {files[0].name} has {size}; all features must have one dimension")
+        out[i] = np.frombuffer(data, "<f4")
+    return [f.name[:-4] for f in files], out
+
+
+def write_naic_features(folder, names, features: np.ndarray) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, row in zip(names, np.asarray(features, "<f4")):
+        (folder / f"{n}.dat").write_bytes(row.tobytes())
+
+
+def write_naic_codes(folder, names, codes: np.ndarray) -> None:
+    """One ``NAME.dat`` per image holding exactly its B code bytes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, row in zip(names, np.ascontiguousarray(codes, np.uint8)):
+        (folder / f"{n}.dat").write_bytes(row.tobytes())
+
+
+def read_naic_codes(folder, nbytes: int) -> tuple[list[str], np.ndarray]:
+    files = _dat_files(Path(folder))
+    out = np.empty((len(files), nbytes), np.uint8)
+    for i, f in enumerate(files):
+        data = f.read_bytes()
+        if len(data) != nbytes:
+            raise LookalikeError(f"{f}: {len(data)} bytes, the codec writes exactly {nbytes}; a code over or under "
+                                 "budget is invalid")
+        out[i] = np.frombuffer(data, np.uint8)
+    return [f.name[:-4] for f in files], out
+
+
+def read_train_list(path) -> dict[str, str]:
+    """NAIC ``train_list.txt``: lines ``filename id`` -> {name without extension: id}."""
+    path = Path(path)
+    labels = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise LookalikeError(f"{path}: train list not found") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise LookalikeError(f"{path}:{i}: expected `filename id`, got {line.strip()!r}")
+        labels[Path(parts[0]).stem] = parts[1]
+    if not labels:
+        raise LookalikeError(f"{path}: empty train list")
+    return labels

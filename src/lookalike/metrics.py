@@ -66,3 +66,31 @@ def relevance_matrix(ranked: list[list[str]], query_labels: list[str], label_of:
         for r, n in enumerate(names[:width]):
             rel[qi, r] = label_of[n] == ql
     return rel
+
+
+def leave_one_out(feats: np.ndarray, labels, k: int = 10) -> dict:
+    """Every row queries all the others (cosine): top-1, mAP@k, DIGIX score. Rows whose label has no
+    other member are left out. Used for training validation and codec evaluation."""
+    from .postprocess import knn
+
+    labels = np.asarray(labels)
+    kk = min(k + 1, len(feats))
+    _, ids = knn(feats, feats, kk)
+    ranked = np.array([[j for j in row if j != i][: kk - 1] for i, row in enumerate(ids)])
+    n_rel = np.array([(labels == lab).sum() - 1 for lab in labels])
+    ok = n_rel > 0
+    if not ok.any():
+        raise LookalikeError("leave-one-out needs a label with at least two rows")
+    return retrieval_metrics((labels[ranked] == labels[:, None])[ok], n_rel[ok], k)[0]
+
+
+def neighbour_recall(orig: np.ndarray, approx: np.ndarray, k: int = 10) -> float:
+    """Share of each row's k nearest neighbours (itself excluded) under ``orig`` that ``approx`` keeps."""
+    from .postprocess import knn
+
+    kk = min(k + 1, len(orig))
+    _, a = knn(orig, orig, kk)
+    _, b = knn(approx, approx, kk)
+    hits = [len(set(x[x != i][: kk - 1]) & set(y[y != i][: kk - 1])) / max(1, kk - 1)
+            for i, (x, y) in enumerate(zip(a, b))]
+    return float(np.mean(hits))

@@ -36,7 +36,7 @@ from PIL import Image, ImageEnhance
 from ._io import atomic_path, write_json_atomic
 from .data import BadImage, IMAGE_EXTENSIONS, load_image
 from .errors import LookalikeError
-from .metrics import retrieval_metrics
+from .metrics import leave_one_out
 from .models import MODEL_FILE, CGDHead, Embedder, create_backbone
 
 log = logging.getLogger(__name__)
@@ -195,17 +195,6 @@ def _embed_all(model: Embedder, loader, device) -> np.ndarray:
         for x, *_ in loader:
             out.append(model.embed(x.to(device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
-
-
-def leave_one_out_score(feats: np.ndarray, labels: np.ndarray) -> dict:
-    """Every validation image queries all the others: DIGIX score, top-1, mAP@10."""
-    from .postprocess import knn
-
-    k = min(11, len(feats))
-    _, ids = knn(feats, feats, k)
-    ranked = np.array([[j for j in row if j != i][: k - 1] for i, row in enumerate(ids)])
-    n_rel = np.array([(labels == lab).sum() - 1 for lab in labels])
-    return retrieval_metrics(labels[ranked] == labels[:, None], n_rel)[0]
 
 
 class BatchSampler:
@@ -470,7 +459,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
                 skipped.update(d)
         stop = False
         if rank == 0:
-            val = leave_one_out_score(_embed_all(model, val_loader, device), np.array([lab for _, lab in val_items])) \
+            val = leave_one_out(_embed_all(model, val_loader, device), np.array([lab for _, lab in val_items])) \
                 if len(val_items) > 1 else {"digix_score": float("nan"), "top1": float("nan"), "mAP@10": float("nan")}
             row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_top1": val["top1"],
                    "val_mAP@10": val["mAP@10"], "val_score": val["digix_score"], "seconds": time.perf_counter() - t0,

@@ -1,0 +1,423 @@
+"""Feature coding at a fixed byte budget (the NAIC 2021 visual-feature-coding track).
+
+Every codec is the same three parts:
+
+1. an orthonormal linear map to a latent space (``x -> (x - mean) @ P.T``): PCA (``sq``), the
+   identity (``pq``), faiss's OPQ rotation (``opq``), or a projection *learned* for retrieval
+   (``learned``: reconstruction + similarity-preservation loss, plus a CosFace identity loss when
+   labels are given; trained with torch, initialised from PCA);
+2. a quantiser that gives exactly ``B`` bytes per vector: per-dimension uniform 8- or 4-bit levels
+   (``sq``), or product quantisation with ``B`` sub-quantisers of 256 centroids each (faiss k-means);
+3. the transposed map back (``latent @ P + mean``).
+
+Decoding is bit-for-bit reproducible on any machine: the projection and the latent values live on
+fixed-point grids (2^-18 and 2^-20 of the latent's range) small enough that every product and every
+partial sum of the float64 matrix product is exact, so no BLAS summation order can change a bit.
+Because the map is orthonormal, encode → decode → encode returns the same codes.
+
+Written by hand because no maintained library offers byte-exact codecs tuned for retrieval; faiss
+supplies k-means, PQ and OPQ training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._io import atomic_path
+from .errors import LookalikeError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("sq", "pq", "opq", "learned")
+BUDGETS = (16, 32, 64, 128, 256)
+_MAGIC = b"LKCODE"
+_VERSION = 1
+_HEADER = struct.Struct("<6sHBBIQI8sI")  # magic, version, method, bits, bytes/vector, count, dim, codec id, crc32
+_PROJ_BITS = 18  # projection entries: multiples of 2^-18 (|p| <= 1)
+_LATENT_BITS = 20  # latent values: multiples of 2^(e - 20) where 2^e bounds their magnitude
+
+
+def _to_grid(x: np.ndarray, step: float) -> np.ndarray:
+    return np.round(np.asarray(x, np.float64) / step) * step
+
+
+def _orthonormal_rows(a: np.ndarray) -> np.ndarray:
+    """Orthonormalised rows of ``a`` (k, d); rows beyond d are zero (padding for PQ)."""
+    a = np.asarray(a, np.float64)
+    q, _ = np.linalg.qr(a.T)
+    out = np.zeros_like(a)
+    out[: q.shape[1]] = q.T
+    return out
+
+
+@dataclass
+class Codec:
+    """``fit`` on training features (optionally labelled), then ``encode`` to ``(n, nbytes)`` uint8
+    and ``decode`` back to float32 features. Learned attributes end in ``_``."""
+
+    nbytes: int = 64
+    method: str = "pq"
+    bits: int = 8  # sq only: 8 or 4 bits per latent dimension
+    latent_dim: int | None = None  # learned only: None = chosen on held-out training features
+    epochs: int = 30
+    seed: int = 0
+    history_: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise LookalikeError(f"unknown codec method {self.method!r}; use one of {', '.join(METHODS)}")
+        if not 1 <= self.nbytes <= 65536:
+            raise LookalikeError(f"--bytes {self.nbytes}: give a budget of 1..65536 bytes per vector")
+        if self.method == "sq" and self.bits not in (4, 8):
+            raise LookalikeError(f"scalar quantisation takes 8 or 4 bits, not {self.bits}")
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, x: np.ndarray, labels=None) -> "Codec":
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or len(x) < 2:
+            raise LookalikeError(f"codec: need an (n, d) feature matrix with n >= 2, got shape {x.shape}")
+        n, d = x.shape
+        self.dim_ = d
+        self.mean_ = x.mean(axis=0).astype(np.float32)
+        xc = x - self.mean_
+        if self.method == "sq":
+            m = self.nbytes * 8 // self.bits
+            if m > d:
+                raise LookalikeError(f"{self.nbytes} bytes at {self.bits} bits hold {m} dimensions, more than the "
+                                     f"features' {d}: use --method pq or fewer bytes")
+            proj = _pca(xc, m)
+        elif self.method == "pq":
+            proj = None
+        elif self.method == "opq":
+            proj = _opq(xc, self.nbytes, self.seed)
+        else:
+            proj = self._fit_learned(x, labels)
+        self._set_projection(proj, d)
+        return self.fit_quantiser(x)
+
+    def fit_quantiser(self, x: np.ndarray) -> "Codec":
+        """The quantiser on the latent of ``x`` (the projection already set)."""
+        z = self._latent(x)
+        self.scale_exp_ = int(np.ceil(np.log2(max(float(np.abs(z).max()), 1e-30)))) + 1
+        if self.method == "sq":
+            lo, hi = np.quantile(z, 0.001, axis=0), np.quantile(z, 0.999, axis=0)
+            self.lo_ = _to_grid(lo, self._latent_step())
+            self.step_ = _to_grid(np.maximum(hi - lo, 1e-12) / (2 ** self.bits - 1), self._latent_step() / 64)
+        else:
+            cents = _to_grid(_train_pq(z, self.nbytes, self.seed), self._latent_step())
+            self.centroids_ = _merge_close(cents, 1e-4 * 2.0 ** self.scale_exp_)
+        return self
+
+    def _set_projection(self, proj: np.ndarray | None, d: int) -> None:
+        if proj is None:  # identity, padded to a multiple of the sub-quantiser count
+            self.proj_ = None
+            self.latent_dim_ = -(-d // self.nbytes) * self.nbytes
+        else:
+            self.proj_ = _to_grid(proj, 2.0 ** -_PROJ_BITS)
+            self.latent_dim_ = self.proj_.shape[0]
+
+    def _latent_step(self) -> float:
+        return 2.0 ** (self.scale_exp_ - _LATENT_BITS)
+
+    def _latent(self, x: np.ndarray) -> np.ndarray:
+        xc = np.asarray(x, np.float32) - self.mean_
+        if self.proj_ is None:
+            out = np.zeros((len(xc), self.latent_dim_), np.float32)
+            out[:, : xc.shape[1]] = xc
+            return out
+        return xc @ self.proj_.T.astype(np.float32)
+
+    def _fit_learned(self, x: np.ndarray, labels) -> np.ndarray:
+        from .codec_train import choose_and_train_projection
+
+        if labels is not None and len(labels) != len(x):
+            raise LookalikeError(f"codec: {len(labels)} labels for {len(x)} feature rows")
+        proj, self.latent_dim, self.history_ = choose_and_train_projection(
+            x, self.mean_, labels, self.nbytes, self.latent_dim, self.epochs, self.seed)
+        return proj
+
+    # ------------------------------------------------------------------ coding
+    def _check_fitted(self):
+        if not hasattr(self, "mean_"):
+            raise LookalikeError("codec: call fit() (or load a fitted codec) first")
+
+    def encode(self, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """(n, d) float -> (n, nbytes) uint8."""
+        self._check_fitted()
+        x = np.asarray(x, np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim_:
+            raise LookalikeError(f"codec fitted on dimension {self.dim_}; got features of shape {x.shape}")
+        out = np.empty((len(x), self.nbytes), np.uint8)
+        for s in range(0, len(x), chunk):
+            z = self._latent(x[s : s + chunk]).astype(np.float64)
+            if self.method == "sq":
+                q = np.clip(np.round((z - self.lo_) / self.step_), 0, 2 ** self.bits - 1).astype(np.uint8)
+                out[s : s + chunk] = q if self.bits == 8 else (q[:, 0::2] << 4) | q[:, 1::2]
+            else:
+                out[s : s + chunk] = _pq_assign(z, self.centroids_)
+        return out
+
+    def decode(self, codes: np.ndarray, chunk: int = 8192) -> np.ndarray:
+        """(n, nbytes) uint8 -> (n, d) float32; identical bits on every machine."""
+        self._check_fitted()
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[1] != self.nbytes or codes.dtype != np.uint8:
+            raise LookalikeError(f"codec expects (n, {self.nbytes}) uint8 codes, got {codes.dtype} {codes.shape}")
+        out = np.empty((len(codes), self.dim_), np.float32)
+        for s in range(0, len(codes), chunk):
+            c = codes[s : s + chunk]
+            if self.method == "sq":
+                q = c if self.bits == 8 else np.stack([c >> 4, c & 15], axis=2).reshape(len(c), -1)
+                z = _to_grid(self.lo_ + q.astype(np.float64) * self.step_, self._latent_step())
+            else:
+                m, ksub, dsub = self.centroids_.shape
+                z = self.centroids_[np.arange(m)[None, :], c.astype(np.int64)].reshape(len(c), m * dsub)
+            if self.proj_ is None:
+                y = z[:, : self.dim_]
+            else:
+                y = z @ self.proj_  # exact: every product and partial sum fits float64's 53 bits
+            out[s : s + chunk] = y.astype(np.float32) + self.mean_
+        return out
+
+    # ------------------------------------------------------------------ identity and persistence
+    def codec_id(self) -> bytes:
+        """8 bytes that change with every learned parameter: a code file names the codec it needs."""
+        self._check_fitted()
+        h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
+        for a in (self.mean_, self.proj_ if self.proj_ is not None else np.zeros(0),
+                  getattr(self, "centroids_", np.zeros(0)), getattr(self, "lo_", np.zeros(0)),
+                  getattr(self, "step_", np.zeros(0))):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.digest()[:8]
+
+    def describe(self) -> dict:
+        return {"method": self.method, "nbytes": self.nbytes, "bits": self.bits, "dim": int(self.dim_),
+                "latent_dim": int(self.latent_dim_)}
+
+    def save(self, path) -> None:
+        self._check_fitted()
+        arrays = {"mean_": self.mean_, "scale_exp_": np.array(self.scale_exp_)}
+        if self.proj_ is not None:
+            arrays["proj_"] = self.proj_
+        for k in ("centroids_", "lo_", "step_"):
+            if hasattr(self, k):
+                arrays[k] = getattr(self, k)
+        meta = json.dumps({**self.describe(), "kind": "lookalike-codec", "version": _VERSION, "seed": self.seed,
+                           "history": self.history_})
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(meta), **arrays)
+
+    @classmethod
+    def load(cls, path) -> "Codec":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta.get("kind") != "lookalike-codec":
+                    raise KeyError("kind")
+                obj = cls(nbytes=meta["nbytes"], method=meta["method"], bits=meta["bits"], seed=meta.get("seed", 0))
+                obj.history_ = meta.get("history", [])
+                obj.dim_ = meta["dim"]
+                obj.mean_ = z["mean_"]
+                obj.scale_exp_ = int(z["scale_exp_"])
+                obj.proj_ = z["proj_"] if "proj_" in z else None
+                for k in ("centroids_", "lo_", "step_"):
+                    if k in z:
+                        setattr(obj, k, z[k])
+                obj.latent_dim_ = meta["latent_dim"]
+        except FileNotFoundError:
+            raise LookalikeError(f"{path}: codec file not found; make one with `lookalike codec fit`") from None
+        except (OSError, KeyError, ValueError) as e:
+            raise LookalikeError(f"{path}: not a lookalike codec ({type(e).__name__}); make one with `lookalike codec fit`") from None
+        return obj
+
+
+# ---------------------------------------------------------------------- the pieces
+
+
+def _pca(xc: np.ndarray, m: int) -> np.ndarray:
+    cov = np.asarray(xc, np.float64).T @ np.asarray(xc, np.float64) / max(len(xc) - 1, 1)
+    evals, evecs = np.linalg.eigh(cov)
+    order = np.argsort(evals)[::-1][:m]
+    return evecs[:, order].T
+
+
+def _opq(xc: np.ndarray, m_sub: int, seed: int) -> np.ndarray:
+    import faiss
+
+    d = xc.shape[1]
+    d2 = -(-d // m_sub) * m_sub
+    opq = faiss.OPQMatrix(d, m_sub, d2)
+    opq.niter = 10
+    opq.verbose = False
+    pq = faiss.ProductQuantizer(d2, m_sub, 8)
+    pq.cp.min_points_per_centroid = 1
+    pq.cp.seed = seed
+    opq.pq = pq  # OPQ trains this one (kept referenced until training ends)
+    sample = _sample(xc, 65536, seed)
+    opq.train(np.ascontiguousarray(sample, np.float32))
+    A = faiss.vector_to_array(opq.A).reshape(d2, d)
+    return _orthonormal_rows(A)
+
+
+def _sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    if len(x) <= n:
+        return x
+    return x[np.random.default_rng(seed).choice(len(x), n, replace=False)]
+
+
+def _train_pq(z: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """(m, 256, dsub) centroids: faiss k-means on each sub-vector."""
+    import faiss
+
+    n, dz = z.shape
+    if n < 256:
+        raise LookalikeError(f"product quantisation trains 256 centroids per byte: give at least 256 training "
+                             f"vectors (got {n})")
+    pq = faiss.ProductQuantizer(dz, m, 8)
+    pq.cp.seed = seed
+    pq.cp.niter = 20
+    pq.cp.min_points_per_centroid = 1  # small training sets are the user's choice: no warning per sub-quantiser
+    pq.train(np.ascontiguousarray(_sample(z, 65536, seed), np.float32))
+    return faiss.vector_to_array(pq.centroids).reshape(m, 256, dz // m).astype(np.float64)
+
+
+def _merge_close(cents: np.ndarray, eps: float) -> np.ndarray:
+    """Centroids closer than ``eps`` to an earlier one become exact copies of it (k-means on few
+    points leaves near-duplicates), so a decoded vector always re-encodes to the same, first index."""
+    cents = cents.copy()
+    for j in range(len(cents)):
+        c = cents[j]
+        d2 = ((c[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+        close = np.tril(d2 < eps * eps, k=-1)
+        for i in np.flatnonzero(close.any(1)):
+            cents[j, i] = c[np.argmax(close[i])]
+    return cents
+
+
+def _pq_assign(z: np.ndarray, cents: np.ndarray) -> np.ndarray:
+    m, ksub, dsub = cents.shape
+    out = np.empty((len(z), m), np.uint8)
+    for j in range(m):
+        sub = z[:, j * dsub:(j + 1) * dsub]
+        c = cents[j]
+        d2 = (c * c).sum(1)[None, :] - 2 * sub @ c.T
+        out[:, j] = np.argmin(d2, axis=1)
+    return out
+
+
+# ---------------------------------------------------------------------- the code file
+
+_METHOD_IDS = {m: i for i, m in enumerate(METHODS)}
+
+
+def write_codes(path, codes: np.ndarray, codec: Codec, names: list[str] | None = None) -> None:
+    """Header (magic, version, method, bits, bytes per vector, count, dimension, codec id, CRC-32 of
+    the payload) then ``n × B`` bytes; names, when given, in ``PATH.names.txt``."""
+    codes = np.ascontiguousarray(codes, np.uint8)
+    payload = codes.tobytes()
+    header = _HEADER.pack(_MAGIC, _VERSION, _METHOD_IDS[codec.method], codec.bits, codec.nbytes, len(codes),
+                          codec.dim_, codec.codec_id(), zlib.crc32(payload))
+    with atomic_path(path, suffix=".codes") as tmp:
+        Path(tmp).write_bytes(header + payload)
+    if names is not None:
+        with atomic_path(Path(str(path) + ".names.txt")) as tmp:
+            Path(tmp).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+
+
+def read_codes(path, codec: Codec | None = None) -> tuple[np.ndarray, list[str] | None]:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LookalikeError(f"{path}: code file not found; make it with `lookalike codec encode`") from None
+    if len(data) < _HEADER.size or data[:6] != _MAGIC:
+        raise LookalikeError(f"{path}: not a lookalike code file (bad header); encode the features again")
+    magic, version, method, bits, nbytes, count, dim, cid, crc = _HEADER.unpack_from(data)
+    if version != _VERSION:
+        raise LookalikeError(f"{path}: code file version {version}; this lookalike reads version {_VERSION}")
+    payload = data[_HEADER.size:]
+    if len(payload) != count * nbytes:
+        raise LookalikeError(f"{path}: truncated or padded: {len(payload)} payload bytes for {count} codes of "
+                             f"{nbytes} bytes; encode the features again")
+    if zlib.crc32(payload) != crc:
+        raise LookalikeError(f"{path}: checksum mismatch (the file is corrupt); encode the features again")
+    if codec is not None and (cid != codec.codec_id() or nbytes != codec.nbytes):
+        raise LookalikeError(f"{path}: made by another codec ({METHODS[method]}, {nbytes} bytes); decode it with "
+                             "the codec that encoded it")
+    codes = np.frombuffer(payload, np.uint8).reshape(count, nbytes).copy()
+    names_path = Path(str(path) + ".names.txt")
+    names = names_path.read_text(encoding="utf-8").splitlines() if names_path.exists() else None
+    if names is not None and len(names) != count:
+        raise LookalikeError(f"{names_path}: {len(names)} names for {count} codes; encode the features again")
+    return codes, names
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def load_features(path) -> tuple[list[str], np.ndarray]:
+    """A feature store (.h5) or a folder of NAIC ``.dat`` float32 files -> (names, (n, d) float32)."""
+    from .formats import read_naic_features
+    from .store import read_store
+
+    path = Path(path)
+    if path.is_dir():
+        return read_naic_features(path)
+    if not path.exists():
+        raise LookalikeError(f"{path}: no such feature store or .dat folder")
+    st = read_store(path)
+    return st.names, st.features
+
+
+def load_labels_for(names: list[str], path) -> np.ndarray:
+    """Labels for ``names`` from a CSV ``image,label`` or a NAIC ``train_list.txt``."""
+    from .formats import read_labels, read_train_list
+
+    path = Path(path)
+    table = read_train_list(path) if path.suffix == ".txt" else read_labels(path)
+    stems = {Path(k).stem: v for k, v in table.items()}
+    out, missing = [], []
+    for n in names:
+        lab = table.get(n, stems.get(Path(n).stem))
+        if lab is None:
+            missing.append(n)
+        out.append(lab)
+    if missing:
+        raise LookalikeError(f"{path}: no label for {len(missing)} of {len(names)} features (e.g. {missing[0]!r}); "
+                             "label every feature or drop --labels")
+    return np.array(out)
+
+
+def evaluate_codec(codec: Codec, feats: np.ndarray, labels=None) -> dict:
+    """Reconstruction error and retrieval with reconstructed vs. original features (both normalised),
+    plus encode/decode throughput."""
+    import time
+
+    from .metrics import leave_one_out, neighbour_recall
+    from .postprocess import l2n
+
+    t0 = time.perf_counter()
+    codes = codec.encode(feats)
+    t1 = time.perf_counter()
+    rec = codec.decode(codes)
+    t2 = time.perf_counter()
+    err = ((feats - rec) ** 2).sum(1) / np.maximum((feats ** 2).sum(1), 1e-12)
+    out = {**codec.describe(), "count": len(feats), "bytes_per_vector": int(codes.shape[1]),
+           "relative_squared_error": float(err.mean()), "mse": float(((feats - rec) ** 2).mean()),
+           "cosine_to_original": float((l2n(feats) * l2n(rec)).sum(1).mean()),
+           "encode_per_s": len(feats) / max(t1 - t0, 1e-9), "decode_per_s": len(feats) / max(t2 - t1, 1e-9)}
+    if labels is not None:
+        base, got = leave_one_out(l2n(feats), labels), leave_one_out(l2n(rec), labels)
+        for key in ("top1", "mAP@10", "digix_score"):
+            out[f"{key}_float32"], out[key] = base[key], got[key]
+        out["score_ratio"] = got["digix_score"] / max(base["digix_score"], 1e-12)
+    else:
+        out["neighbour_recall@10"] = neighbour_recall(l2n(feats), l2n(rec))
+    return out

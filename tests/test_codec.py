@@ -1,0 +1,132 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import lookalike_cli
+from lookalike.codec import Codec, evaluate_codec, read_codes, write_codes
+from lookalike.errors import LookalikeError
+from lookalike.formats import write_naic_features
+
+
+def identities(n_ids=60, per=10, d=256, seed=0):
+    """Clustered, non-negative, L2-normalised features of many identities (like re-ID features)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_ids, d))
+    x = np.repeat(centres, per, axis=0) + 0.6 * rng.normal(size=(n_ids * per, d))
+    x = np.maximum(x, 0).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.repeat(np.arange(n_ids), per)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return identities()
+
+
+CASES = [("pq", 8), ("opq", 8), ("sq", 8), ("sq", 4), ("learned", 8)]
+
+
+@pytest.mark.parametrize("nbytes", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("method,bits", CASES)
+def test_every_budget_is_exact_and_stable(data, method, bits, nbytes):
+    x, y = data
+    if method == "sq" and nbytes * 8 // bits > x.shape[1]:
+        with pytest.raises(LookalikeError, match="more than the features"):
+            Codec(nbytes=nbytes, method=method, bits=bits).fit(x)
+        return
+    kw = {"epochs": 1, "latent_dim": 2 * nbytes} if method == "learned" else {}
+    c = Codec(nbytes=nbytes, method=method, bits=bits, **kw).fit(x, y if method == "learned" else None)
+    codes = c.encode(x)
+    assert codes.dtype == np.uint8 and codes.shape == (len(x), nbytes)
+    rec = c.decode(codes)
+    assert rec.dtype == np.float32 and rec.shape == x.shape
+    assert np.array_equal(c.encode(rec), codes)  # encode -> decode -> encode is stable
+    assert np.array_equal(c.decode(codes), rec)
+
+
+def test_decoding_is_exact_whatever_the_summation_order(data):
+    """The latent and projection grids make every partial sum exact: any order gives the same bits."""
+    x, _ = data
+    c = Codec(nbytes=32, method="sq", bits=8).fit(x)
+    codes = c.encode(x[:50])
+    got = c.decode(codes)
+    z = np.round((c.lo_ + codes.astype(np.float64) * c.step_) / c._latent_step()) * c._latent_step()
+    acc = np.zeros((len(z), c.dim_))
+    for j in reversed(range(z.shape[1])):  # the opposite order to any BLAS, one term at a time
+        acc = acc + z[:, j:j + 1] * c.proj_[j][None, :]
+    ref = acc.astype(np.float32) + c.mean_
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+def test_more_bytes_reconstruct_better(data):
+    x, y = data
+    errs = [evaluate_codec(Codec(nbytes=b, method="pq").fit(x), x, y)["relative_squared_error"] for b in (16, 64, 256)]
+    assert errs[0] > errs[1] > errs[2]
+    m = evaluate_codec(Codec(nbytes=256, method="pq").fit(x), x, y)
+    assert m["score_ratio"] > 0.97 and m["cosine_to_original"] > 0.95
+
+
+def test_learned_codec_trains_and_records_history(data):
+    x, y = data
+    c = Codec(nbytes=16, method="learned", epochs=2, latent_dim=32).fit(x, y)
+    assert c.latent_dim_ == 32 and [h["epoch"] for h in c.history_ if "epoch" in h] == [1, 2]
+    assert evaluate_codec(c, x, y)["score_ratio"] > 0.5
+
+
+def test_code_file_round_trip_and_errors(data, tmp_path):
+    x, _ = data
+    c = Codec(nbytes=16, method="pq").fit(x)
+    codes = c.encode(x)
+    path = tmp_path / "x.codes"
+    write_codes(path, codes, c, [f"n{i}" for i in range(len(x))])
+    back, names = read_codes(path, c)
+    assert np.array_equal(back, codes) and names[3] == "n3"
+    raw = path.read_bytes()
+    (tmp_path / "trunc.codes").write_bytes(raw[:-5])
+    with pytest.raises(LookalikeError, match="truncated"):
+        read_codes(tmp_path / "trunc.codes")
+    flipped = bytearray(raw)
+    flipped[-1] ^= 0xFF
+    (tmp_path / "flip.codes").write_bytes(bytes(flipped))
+    with pytest.raises(LookalikeError, match="checksum"):
+        read_codes(tmp_path / "flip.codes")
+    other = Codec(nbytes=16, method="pq", seed=1).fit(x)
+    with pytest.raises(LookalikeError, match="another codec"):
+        read_codes(path, other)
+    (tmp_path / "junk.codes").write_bytes(b"hello world, not codes at all, no no no no")
+    with pytest.raises(LookalikeError, match="not a lookalike code file"):
+        read_codes(tmp_path / "junk.codes")
+    c.save(tmp_path / "c.npz")
+    again = Codec.load(tmp_path / "c.npz")
+    assert np.array_equal(again.decode(codes), c.decode(codes)) and again.codec_id() == c.codec_id()
+    with pytest.raises(LookalikeError, match="not a lookalike codec"):
+        Codec.load(tmp_path / "junk.codes")
+
+
+def test_cli_naic_round_trip(data, tmp_path):
+    x, y = data
+    feats = tmp_path / "feats"
+    names = [f"{i:05d}" for i in range(len(x))]
+    write_naic_features(feats, names, x)
+    (tmp_path / "train_list.txt").write_text("".join(f"{n}.png {lab}\n" for n, lab in zip(names, y)))
+    lookalike_cli("codec", "fit", feats, "-o", tmp_path / "c.npz", "--bytes", "32", "--method", "pq", check=True)
+    lookalike_cli("codec", "encode", feats, "-c", tmp_path / "c.npz", "-o", tmp_path / "x.codes",
+                  "--naic-dir", tmp_path / "codes", check=True)
+    sizes = {p.stat().st_size for p in (tmp_path / "codes").glob("*.dat")}
+    assert sizes == {32} and len(list((tmp_path / "codes").glob("*.dat"))) == len(x)
+    lookalike_cli("codec", "decode", tmp_path / "codes", "-c", tmp_path / "c.npz", "-o", tmp_path / "a.h5", check=True)
+    lookalike_cli("codec", "decode", tmp_path / "x.codes", "-c", tmp_path / "c.npz", "-o", tmp_path / "b.h5", check=True)
+    from lookalike.store import read_store
+
+    a, b = read_store(tmp_path / "a.h5"), read_store(tmp_path / "b.h5")
+    assert a.names == b.names == names and np.array_equal(a.features, b.features)
+    p = lookalike_cli("codec", "evaluate", feats, "-c", tmp_path / "c.npz", "--labels", tmp_path / "train_list.txt",
+                      "--json", tmp_path / "m.json", check=True)
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert "of float32" in p.stdout and m["bytes_per_vector"] == 32 and 0 < m["score_ratio"] <= 1.05
+    # a code one byte over budget is refused, naming the file
+    (tmp_path / "codes" / "00000.dat").write_bytes(b"\0" * 33)
+    p = lookalike_cli("codec", "decode", tmp_path / "codes", "-c", tmp_path / "c.npz", "-o", tmp_path / "z.h5")
+    assert p.returncode == 2 and "00000.dat: 33 bytes" in p.stderr
+    p = lookalike_cli("codec", "decode", tmp_path / "x.codes", "-c", tmp_path / "nope.npz", "-o", tmp_path / "z.h5")
+    assert p.returncode == 2 and "codec file not found" in p.stderr
