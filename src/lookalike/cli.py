@@ -340,9 +340,10 @@ def codec_fit(feats, output, nbytes, method, bits, labels, epochs, latent_dim, s
     """Fit a codec on training features (a store .h5 or a folder of NAIC .dat files)."""
     from .codec import Codec, load_features, load_labels_for
 
-    names, x = load_features(feats)
+    names, x, model_id = load_features(feats, with_model_id=True)
     y = load_labels_for(names, labels) if labels else None
     c = Codec(nbytes=nbytes, method=method, bits=int(bits), latent_dim=latent_dim, epochs=epochs, seed=seed).fit(x, y)
+    c.model_id_ = model_id
     c.save(output)
     click.echo(f"codec: {method}, {nbytes} bytes per vector, {c.dim_}-d -> latent {c.latent_dim_}; fitted on {len(x)} "
                f"vectors -> {output}")
@@ -395,6 +396,34 @@ def codec_decode(codes, codec_path, output, naic_dir):
     if naic_dir:
         write_naic_features(naic_dir, names, feats)
     click.echo(f"decoded {len(arr)} vectors -> {output}")
+
+
+@codec.command("index")
+@click.argument("codes", type=click.Path())
+@click.option("-c", "--codec", "codec_path", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Index folder for `lookalike search`.")
+@click.option("--nlist", type=int, default=0, show_default=True, help="Inverted lists (IVF-PQ); 0 = flat PQ scan.")
+@_handle_errors
+def codec_index(codes, codec_path, output, nlist):
+    """Index the codes themselves (B bytes per image in memory) for `lookalike search --query-features`."""
+    from .codec import Codec, code_index, read_codes
+    from .formats import read_naic_codes
+    from .index import Collection, save_collection
+
+    c = Codec.load(codec_path)
+    if Path(codes).is_dir():
+        names, arr = read_naic_codes(codes, c.nbytes)
+    else:
+        arr, names = read_codes(codes, c)
+        names = names or [str(i) for i in range(len(arr))]
+    index = code_index(c, arr, nlist)
+    factory = f"codec:{c.method}{c.nbytes}" + (f",IVF{nlist}" if nlist else "")
+    manifest = dict(model_id=c.model_id_ if hasattr(c, "model_id_") else "", model=f"codes:{c.method}", pooling="",
+                    dim=int(c.dim_), input_dim=int(c.dim_), count=len(arr), factory=factory, whitening=False,
+                    codec=c.describe(), created_by=f"lookalike {__version__}")
+    save_collection(Collection(index, list(names), manifest), output)
+    click.echo(f"indexed {len(arr)} codes ({c.nbytes} B each) -> {output}; search it with "
+               f"`lookalike search {output} --query-features Q.h5`")
 
 
 @codec.command("evaluate")

@@ -199,7 +199,7 @@ class Codec:
 
     def describe(self) -> dict:
         return {"method": self.method, "nbytes": self.nbytes, "bits": self.bits, "dim": int(self.dim_),
-                "latent_dim": int(self.latent_dim_)}
+                "latent_dim": int(self.latent_dim_), "model_id": getattr(self, "model_id_", "")}
 
     def save(self, path) -> None:
         self._check_fitted()
@@ -231,6 +231,7 @@ class Codec:
                     if k in z:
                         setattr(obj, k, z[k])
                 obj.latent_dim_ = meta["latent_dim"]
+                obj.model_id_ = meta.get("model_id", "")
         except FileNotFoundError:
             raise LookalikeError(f"{path}: codec file not found; make one with `lookalike codec fit`") from None
         except (OSError, KeyError, ValueError) as e:
@@ -359,21 +360,66 @@ def read_codes(path, codec: Codec | None = None) -> tuple[np.ndarray, list[str] 
     return codes, names
 
 
+# ---------------------------------------------------------------------- search in code space
+
+
+def code_index(codec: Codec, codes: np.ndarray, nlist: int = 0, seed: int = 0):
+    """A faiss index holding exactly these codes (PQ-based codecs), searched by asymmetric distance:
+    a float query is projected and scored against the codes without decoding them. The score is the
+    inner product with the decoded vector minus a per-query constant (so the ranking is that of
+    ``q · decode(c)``; decoded vectors are not re-normalised). ``nlist > 0`` adds an inverted file
+    (IVF-PQ, codes not residual, ``nprobe`` settable on the returned index)."""
+    import faiss
+
+    codec._check_fitted()
+    if codec.method == "sq":
+        raise LookalikeError("searching in code space needs a PQ codec (pq, opq or learned); decode sq codes and use "
+                             "`lookalike index`")
+    m, ksub, dsub = codec.centroids_.shape
+    dz = m * dsub
+    z = codec.centroids_[np.arange(m)[None, :], codes.astype(np.int64)].reshape(len(codes), dz).astype(np.float32)
+    if nlist:
+        quant = faiss.IndexFlatIP(dz)
+        base = faiss.IndexIVFPQ(quant, dz, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        base.by_residual = False
+        km = faiss.Kmeans(dz, nlist, niter=20, seed=seed, spherical=False, min_points_per_centroid=1)
+        km.train(z)
+        quant.add(km.centroids)
+    else:
+        base = faiss.IndexPQ(dz, m, 8, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(codec.centroids_.astype(np.float32).ravel(), base.pq.centroids)
+    base.is_trained = True
+    base.add(z)  # re-encoding the decoded latents gives back exactly these codes (stable codec)
+    if codec.proj_ is None:
+        A = np.zeros((dz, codec.dim_), np.float32)
+        A[np.arange(codec.dim_), np.arange(codec.dim_)] = 1
+    else:
+        A = codec.proj_.astype(np.float32)
+    lt = faiss.LinearTransform(codec.dim_, dz, False)
+    faiss.copy_array_to_vector(A.ravel(), lt.A)
+    lt.is_trained = True
+    index = faiss.IndexPreTransform(lt, base)
+    index.is_trained = True
+    return index
+
+
 # ---------------------------------------------------------------------- commands
 
 
-def load_features(path) -> tuple[list[str], np.ndarray]:
-    """A feature store (.h5) or a folder of NAIC ``.dat`` float32 files -> (names, (n, d) float32)."""
+def load_features(path, with_model_id: bool = False):
+    """A feature store (.h5) or a folder of NAIC ``.dat`` float32 files -> (names, (n, d) float32)
+    [, the store's model_id ("" for .dat folders)]."""
     from .formats import read_naic_features
     from .store import read_store
 
     path = Path(path)
     if path.is_dir():
-        return read_naic_features(path)
+        names, x = read_naic_features(path)
+        return (names, x, "") if with_model_id else (names, x)
     if not path.exists():
         raise LookalikeError(f"{path}: no such feature store or .dat folder")
     st = read_store(path)
-    return st.names, st.features
+    return (st.names, st.features, st.model_id) if with_model_id else (st.names, st.features)
 
 
 def load_labels_for(names: list[str], path) -> np.ndarray:

@@ -78,7 +78,7 @@ class Collection:
                 f"{source}: features have dimension {features.shape[-1]}, the index {self.path} has {self.dim}; "
                 "extract the queries with the index's model"
             )
-        if model_id is not None and model_id != self.manifest.get("model_id"):
+        if model_id and self.manifest.get("model_id") and model_id != self.manifest.get("model_id"):
             raise LookalikeError(
                 f"{source}: made by another model (model_id {model_id}, index {self.manifest.get('model_id')}: "
                 f"{self.manifest.get('model')}/{self.manifest.get('pooling')}); extract the queries with the index's model"
