@@ -161,8 +161,8 @@ def test_diffusion_matches_dense_solve():
 def test_rerank_chain_rules():
     from lookalike.postprocess import RerankConfig
 
-    with pytest.raises(LookalikeError, match="use one of them, last"):
+    with pytest.raises(LookalikeError, match="use one of them and put it last"):
         RerankConfig(steps="kr,df")
-    with pytest.raises(LookalikeError, match="last"):
+    with pytest.raises(LookalikeError, match="put it last"):
         RerankConfig(steps="df,qe")
     assert RerankConfig(steps="dba,aqe,df").steps == ("dba", "aqe", "df")

@@ -380,7 +380,7 @@ class RerankConfig:
         finals = [st for st in self.steps if st in FINAL_STEPS]
         if len(finals) > 1 or (finals and self.steps[-1] != finals[0]):
             raise LookalikeError("kr (k-reciprocal) and df (diffusion) produce the final ranking: "
-                                 "use one of them, last in --rerank")
+                                 "use one of them and put it last in --rerank")
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
