@@ -67,9 +67,14 @@ def test_more_bytes_reconstruct_better(data):
 
 
 def test_learned_codec_trains_and_records_history(data):
+    from lookalike.codec_train import train_projection
+
     x, y = data
+    proj, history = train_projection(x - x.mean(0), x.mean(0), y, 32, epochs=2, seed=0)
+    assert proj.shape == (32, x.shape[1]) and [h["epoch"] for h in history] == [1, 2]
+    assert np.allclose(proj @ proj.T, np.eye(32), atol=1e-4)  # rows stay orthonormal while training
     c = Codec(nbytes=16, method="learned", epochs=2, latent_dim=32).fit(x, y)
-    assert c.latent_dim_ == 32 and [h["epoch"] for h in c.history_ if "epoch" in h] == [1, 2]
+    assert c.latent_dim_ == 32 and "selection" in c.history_[0]  # PCA vs trained, chosen on held-out identities
     assert evaluate_codec(c, x, y)["score_ratio"] > 0.5
 
 
