@@ -329,7 +329,8 @@ def codec():
 @click.argument("feats", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Codec file (.npz).")
 @click.option("--bytes", "nbytes", type=int, required=True, help="Bytes per vector (NAIC: 16, 32, 64, 128, 256).")
-@click.option("--method", type=click.Choice(["sq", "pq", "opq", "learned"]), default="learned", show_default=True)
+@click.option("--method", type=click.Choice(["sq", "pq", "opq", "learned"]), default="opq", show_default=True,
+              help="opq: best measured at 16-64 B; sq: at 128-256 B (BENCHMARKS.md).")
 @click.option("--bits", type=click.Choice(["8", "4"]), default="8", show_default=True, help="sq: bits per dimension.")
 @click.option("--labels", type=click.Path(), default=None, help="CSV image,label or NAIC train_list.txt (learned codec).")
 @click.option("--epochs", type=int, default=30, show_default=True, help="learned: training epochs.")

@@ -63,7 +63,7 @@ class Codec:
     and ``decode`` back to float32 features. Learned attributes end in ``_``."""
 
     nbytes: int = 64
-    method: str = "pq"
+    method: str = "opq"
     bits: int = 8  # sq only: 8 or 4 bits per latent dimension
     latent_dim: int | None = None  # learned only: None = chosen on held-out training features
     epochs: int = 30
