@@ -43,7 +43,7 @@ def main():
         done[name] = experiment(args.data, str(out / f"row{i}"), epochs=args.epochs, warmup_epochs=args.warmup_epochs,
                                 **opts)
         done_path.write_text(json.dumps(done, indent=1))
-    print(f"\n| row | top-1 | mAP@10 | score | val score | train min |\n|---|---|---|---|---|---|")
+    print("\n| row | top-1 | mAP@10 | score | val score | train min |\n|---|---|---|---|---|---|")
     for name, m in done.items():
         print(f"| {name} | {m['top1']:.4f} | {m['mAP@10']:.4f} | {m['score']:.4f} | {m['val_score']:.4f} | "
               f"{m['train_minutes']:.1f} |")
