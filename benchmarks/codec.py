@@ -81,7 +81,7 @@ def main():
         if name == "synthetic":
             tr, trl = synthetic(1000, 8, seed=1)
             te, tel = synthetic(400, 8, seed=2)
-            sets[name] = (tr, trl, lambda f, fit_te=te: leave_one_out(l2n(f), tel), te, None)
+            sets[name] = (tr, trl, lambda f, tel=tel: leave_one_out(l2n(f), tel), te)
         else:
             store = args.zero_shot if name == "zero-shot" else args.trained
             if not store:
@@ -89,8 +89,8 @@ def main():
             (tr, trl), (q, ql), (g, gl) = grocery(Path(args.data), Path(store))
             nq = len(q)
             both = np.concatenate([q, g])
-            sets[name] = (tr, trl, lambda f, nq=nq, ql=ql, gl=gl: protocol_score(f[:nq], ql, f[nq:], gl), both, None)
-    for name, (tr, trl, score_fn, evalset, _) in sets.items():
+            sets[name] = (tr, trl, lambda f, nq=nq, ql=ql, gl=gl: protocol_score(f[:nq], ql, f[nq:], gl), both)
+    for name, (tr, trl, score_fn, evalset) in sets.items():
         base = score_fn(evalset)
         out.setdefault(name, {})["float32"] = {"digix_score": base["digix_score"], "top1": base["top1"],
                                                "mAP@10": base["mAP@10"], "bytes": int(evalset.shape[1] * 4)}

@@ -381,16 +381,12 @@ def codec_encode(feats, codec_path, output, naic_dir):
 @_handle_errors
 def codec_decode(codes, codec_path, output, naic_dir):
     """Reconstruct features from a code file (or a folder of NAIC code .dat files)."""
-    from .codec import Codec, read_codes
-    from .formats import read_naic_codes, write_naic_features
+    from .codec import Codec, load_codes
+    from .formats import write_naic_features
     from .store import write_store
 
     c = Codec.load(codec_path)
-    if Path(codes).is_dir():
-        names, arr = read_naic_codes(codes, c.nbytes)
-    else:
-        arr, names = read_codes(codes, c)
-        names = names or [str(i) for i in range(len(arr))]
+    names, arr = load_codes(codes, c)
     feats = c.decode(arr)
     write_store(output, names, feats, {"model": f"decoded:{c.method}", "codec": c.describe(), "model_id": "decoded",
                                        "fingerprint": "decoded", "created_by": f"lookalike {__version__}"})
@@ -407,19 +403,14 @@ def codec_decode(codes, codec_path, output, naic_dir):
 @_handle_errors
 def codec_index(codes, codec_path, output, nlist):
     """Index the codes themselves (B bytes per image in memory) for `lookalike search --query-features`."""
-    from .codec import Codec, code_index, read_codes
-    from .formats import read_naic_codes
+    from .codec import Codec, code_index, load_codes
     from .index import Collection, save_collection
 
     c = Codec.load(codec_path)
-    if Path(codes).is_dir():
-        names, arr = read_naic_codes(codes, c.nbytes)
-    else:
-        arr, names = read_codes(codes, c)
-        names = names or [str(i) for i in range(len(arr))]
+    names, arr = load_codes(codes, c)
     index = code_index(c, arr, nlist)
     factory = f"codec:{c.method}{c.nbytes}" + (f",IVF{nlist}" if nlist else "")
-    manifest = dict(model_id=c.model_id_ if hasattr(c, "model_id_") else "", model=f"codes:{c.method}", pooling="",
+    manifest = dict(model_id=c.describe()["model_id"], model=f"codes:{c.method}", pooling="",
                     dim=int(c.dim_), input_dim=int(c.dim_), count=len(arr), factory=factory, whitening=False,
                     codec=c.describe(), created_by=f"lookalike {__version__}")
     save_collection(Collection(index, list(names), manifest), output)

@@ -99,11 +99,14 @@ class Codec:
             proj = _opq(xc, self.nbytes, self.seed)
         else:
             proj = self._fit_learned(x, labels)
-        self._set_projection(proj, d)
-        return self.fit_quantiser(x)
+        return self.fit_quantiser(x, proj)
 
-    def fit_quantiser(self, x: np.ndarray) -> "Codec":
-        """The quantiser on the latent of ``x`` (the projection already set)."""
+    def fit_quantiser(self, x: np.ndarray, proj: np.ndarray | None, mean: np.ndarray | None = None) -> "Codec":
+        """Set the projection (None: identity) and fit the quantiser on the latent of ``x``."""
+        self.dim_ = x.shape[1]
+        if mean is not None:
+            self.mean_ = np.asarray(mean, np.float32)
+        self._set_projection(proj, self.dim_)
         z = self._latent(x)
         self.scale_exp_ = int(np.ceil(np.log2(max(float(np.abs(z).max()), 1e-30)))) + 1
         if self.method == "sq":
@@ -420,6 +423,17 @@ def load_features(path, with_model_id: bool = False):
         raise LookalikeError(f"{path}: no such feature store or .dat folder")
     st = read_store(path)
     return (st.names, st.features, st.model_id) if with_model_id else (st.names, st.features)
+
+
+def load_codes(path, codec: Codec) -> tuple[list[str], np.ndarray]:
+    """A code file (names from its ``.names.txt``, else row numbers) or a folder of NAIC code ``.dat``
+    files -> (names, (n, B) uint8), checked against ``codec``."""
+    from .formats import read_naic_codes
+
+    if Path(path).is_dir():
+        return read_naic_codes(path, codec.nbytes)
+    codes, names = read_codes(path, codec)
+    return names or [str(i) for i in range(len(codes))], codes
 
 
 def load_labels_for(names: list[str], path) -> np.ndarray:

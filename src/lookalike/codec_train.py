@@ -112,10 +112,7 @@ def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes:
         scores = {}
         for m, e in choices:
             proj = _pca(xc[tr], m) if e == 0 else train_projection(xc[tr], mean, None if lab is None else lab[tr], m, e, seed)[0]
-            c = Codec(nbytes=nbytes, method="pq", seed=seed)
-            c.dim_, c.mean_ = d, mean
-            c._set_projection(_orthonormal_rows(proj), d)
-            c.fit_quantiser(x[tr])
+            c = Codec(nbytes=nbytes, method="pq", seed=seed).fit_quantiser(x[tr], _orthonormal_rows(proj), mean)
             rec = c.decode(c.encode(x[va]))
             scores[(m, e)] = _retrieval_score(x[va], rec, None if lab is None else lab[va])
             log.info("learned codec, %d B: latent %d, %s: held-out score %.4f", nbytes, m, "trained" if e else "PCA", scores[(m, e)])
