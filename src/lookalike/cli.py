@@ -456,5 +456,30 @@ def sample(directory, variants):
                f"(labels: {Path(directory) / 'labels.csv'})")
 
 
+@main.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-upload-mb", type=float, default=10.0, show_default=True, help="Larger request bodies get 413.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds per request before 504.")
+@click.option("--api-key", envvar="LOOKALIKE_API_KEY", default=None,
+              help="Require this key (header X-API-Key) on POST/DELETE /items; also read from LOOKALIKE_API_KEY.")
+@click.option("--k-max", type=int, default=100, show_default=True, help="Largest k a search may ask for.")
+@click.option("--threads", type=int, default=0, help="Inference threads (0: all cores).")
+@_handle_errors
+def serve(collection, host, port, max_upload_mb, timeout, api_key, k_max, threads):
+    """Serve a collection (from `index` or `run`) over HTTP, with a search page at /."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise LookalikeError("serving needs FastAPI and uvicorn: pip install 'lookalike[serve]'") from None
+    from .serve import ServeConfig, serve as _serve
+
+    click.echo(f"serving {collection} on http://{host}:{port}/ (API docs: /docs); Ctrl-C stops", err=True)
+    _serve(collection, ServeConfig(host=host, port=port, max_upload_mb=max_upload_mb, timeout=timeout,
+                                   api_key=api_key, k_max=k_max, threads=threads))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

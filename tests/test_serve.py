@@ -1,0 +1,317 @@
+"""The real server (`lookalike serve` in a subprocess) on a loopback port, every endpoint, and a
+headless-Chromium test of the page."""
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import lookalike_cli, make_set
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+KEY = "s3cret-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, collection: Path, *extra):
+        self.collection = collection
+        self.extra = extra
+        self.proc = None
+
+    def start(self):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(self.collection.parent / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", str(self.collection),
+                                      "--port", str(self.port), "--api-key", KEY, "--max-upload-mb", "0.5",
+                                      "--threads", "1", *self.extra], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, (self.collection.parent / f"server-{self.port}.log").read_text()
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise AssertionError("server did not start")
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(20)
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    make_set(root / "gallery", n_classes=4, per_class=3, prefix="g")
+    make_set(root / "extra", n_classes=2, per_class=1, prefix="new", start=70)
+    lookalike_cli("extract", root / "gallery", "-o", root / "g.h5", "--image-size", "64", check=True)
+    lookalike_cli("index", root / "g.h5", "-o", root / "col", "--image-root", root / "gallery", check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(collection):
+    srv = Server(collection / "col").start()
+    yield srv
+    srv.stop()
+
+
+def _jpeg(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _error(r, status, *needles):
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["status"] == status, body
+    assert "Traceback" not in r.text and "File \"" not in r.text
+    for n in needles:
+        assert n in body["error"]["message"], body
+    return body["error"]["message"]
+
+
+def _search(srv, data: bytes, k=3, name="q.jpg"):
+    return httpx.post(srv.url + "/search", files={"file": (name, data, "image/jpeg")}, data={"k": str(k)}, timeout=30)
+
+
+def test_health_stats_docs_page(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "items": 12}
+    st = httpx.get(server.url + "/stats").json()
+    assert st["items"] == 12 and st["dim"] > 0 and st["factory"] == "Flat" and st["model"]
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/search", "/items", "/items/{name}", "/images/{name}", "/health", "/stats"} <= set(schema["paths"])
+    docs = httpx.get(server.url + "/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text and "cdn" not in docs.text.lower()
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "Drop a photo" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+    _error(httpx.get(server.url + "/nope"), 404)
+    _error(httpx.put(server.url + "/search"), 405)
+
+
+def test_search_and_thumbnails(server, collection):
+    r = _search(server, _jpeg(collection / "gallery" / "g_2_1.jpg"), k=3)
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"]
+    assert len(hits) == 3 and hits[0]["name"] == "g_2_1.jpg" and hits[0]["score"] > 0.99
+    assert all(h["name"].startswith("g_2_") for h in hits)  # the easy synthetic classes
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    t = httpx.get(server.url + hits[1]["thumbnail"])
+    assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
+    im = Image.open(io.BytesIO(t.content))
+    assert im.format == "JPEG" and max(im.size) <= 256
+
+
+def test_bad_uploads(server, collection):
+    _error(_search(server, b"hello, I am not an image", name="fake.jpg"), 415, "not an image")
+    _error(_search(server, b""), 400, "empty")
+    good = _jpeg(collection / "gallery" / "g_0_0.jpg")
+    _error(_search(server, good[: len(good) // 3]), 415, "truncated")
+    _error(httpx.post(server.url + "/search", data={"k": "3"}), 422, "file")
+    _error(_search(server, good, k=0), 422, "k must be")
+    _error(_search(server, good, k=1000), 422, "k must be")
+    _error(_search(server, good, k="many"), 422)
+    big = os.urandom(700_000)  # over the 0.5 MB limit
+    _error(_search(server, big), 413)
+
+    def chunks():  # no Content-Length: the streamed body is counted
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+        for _ in range(8):
+            yield b"x" * 100_000
+
+    r = httpx.post(server.url + "/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    _error(r, 413)
+    # the server is still fine
+    assert _search(server, good).status_code == 200
+
+
+def test_path_traversal(server, collection):
+    secret = collection / "secret.jpg"
+    shutil.copy(collection / "gallery" / "g_0_0.jpg", secret)
+    for raw in ["/images/../secret.jpg", "/images/%2e%2e/secret.jpg", "/images/..%2Fsecret.jpg",
+                "/images/%2E%2E%2F%2E%2E%2Fetc%2Fpasswd", "/images//etc/passwd", "/images/g_0_0.jpg/../../secret.jpg",
+                "/images/nope.jpg"]:
+        status, headers, body = _raw_get(server.port, raw)  # sent byte for byte, no client-side clean-up
+        assert status in (400, 404), (raw, status)
+        assert headers.get("content-type", "").startswith("application/json"), (raw, headers)
+        assert b"\xff\xd8" not in body[:4]  # never a JPEG
+
+
+def _raw_get(port: int, path: str):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:]))
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_items_add_delete_persist(server, collection):
+    url = server.url
+    new = _jpeg(collection / "extra" / "new_1_70.jpg")
+    files = {"file": ("upload.jpg", new, "image/jpeg")}
+    _error(httpx.post(url + "/items", files=files, data={"name": "added/new1.jpg"}), 401, "X-API-Key")
+    _error(httpx.post(url + "/items", files=files, data={"name": "added/new1.jpg"}, headers={"X-API-Key": "wrong"}), 401)
+    for bad in ["../evil.jpg", "/abs.jpg", "a/../../b.jpg", ".hidden.jpg", "noext", "a\\b.jpg"]:
+        _error(httpx.post(url + "/items", files=files, data={"name": bad}, headers={"X-API-Key": KEY}), 400, "invalid name")
+    _error(httpx.post(url + "/items", files={"file": ("x.jpg", b"GIF89a-not-really", "image/gif")},
+                      data={"name": "x.jpg"}, headers={"X-API-Key": KEY}), 415)
+    r = httpx.post(url + "/items", files=files, data={"name": "added/new1.jpg"}, headers={"X-API-Key": KEY})
+    assert r.status_code == 201, r.text
+    assert r.json()["count"] == 13
+    assert (collection / "col" / "items" / "added" / "new1.jpg").read_bytes() == new
+    _error(httpx.post(url + "/items", files=files, data={"name": "added/new1.jpg"}, headers={"X-API-Key": KEY}), 409)
+    hits = _search(server, new, k=2).json()["results"]
+    assert hits[0]["name"] == "added/new1.jpg" and hits[0]["score"] > 0.99  # searchable at once
+    assert httpx.get(url + hits[0]["thumbnail"]).status_code == 200
+    # the file name is the default name
+    other = _jpeg(collection / "extra" / "new_0_70.jpg")
+    r = httpx.post(url + "/items", files={"file": ("new0.jpg", other, "image/jpeg")}, headers={"X-API-Key": KEY})
+    assert r.status_code == 201 and r.json()["name"] == "new0.jpg"
+    # delete a gallery image and the added one
+    _error(httpx.delete(url + "/items/g_2_1.jpg"), 401)
+    assert httpx.delete(url + "/items/g_2_1.jpg", headers={"X-API-Key": KEY}).json() == {"deleted": "g_2_1.jpg", "count": 13}
+    _error(httpx.delete(url + "/items/g_2_1.jpg", headers={"X-API-Key": KEY}), 404)
+    names = [h["name"] for h in _search(server, _jpeg(collection / "gallery" / "g_2_1.jpg"), k=13).json()["results"]]
+    assert "g_2_1.jpg" not in names and len(names) == 13
+    _error(httpx.get(url + "/images/g_2_1.jpg"), 404)
+    assert httpx.get(url + "/stats").json()["items"] == 13
+
+    # a restarted server replays the journal
+    server.stop()
+    server.start()
+    assert httpx.get(url.rsplit(":", 1)[0] + f":{server.port}/health").json()["items"] == 13
+    names = [h["name"] for h in _search(server, new, k=13).json()["results"]]
+    assert names[0] == "added/new1.jpg" and "new0.jpg" in names and "g_2_1.jpg" not in names
+    # re-adding a deleted name works; a torn last journal line is ignored
+    assert httpx.post(server.url + "/items", files={"file": ("g.jpg", _jpeg(collection / "gallery" / "g_2_1.jpg"), "image/jpeg")},
+                      data={"name": "g_2_1.jpg"}, headers={"X-API-Key": KEY}).status_code == 201
+    server.stop()
+    with open(collection / "col" / "journal.jsonl", "ab") as f:
+        f.write(b'{"op":"add","name":"torn.jpg","feat')
+    server.start()
+    assert httpx.get(server.url + "/health").json()["items"] == 14
+
+
+def test_concurrent_searches_and_writes(server, collection):
+    gallery = sorted((collection / "gallery").glob("*.jpg"))
+    errors, done = [], []
+    before = httpx.get(server.url + "/stats").json()["items"]
+
+    def searcher(i):
+        with httpx.Client(timeout=60) as c:
+            for j in range(6):
+                p = gallery[(i + j) % len(gallery)]
+                r = c.post(server.url + "/search", files={"file": (p.name, p.read_bytes(), "image/jpeg")}, data={"k": "5"})
+                (done if r.status_code == 200 and len(r.json()["results"]) == 5 else errors).append(r.status_code)
+
+    def writer():
+        with httpx.Client(timeout=60) as c:
+            for j in range(4):
+                r = c.post(server.url + "/items", files={"file": ("w.jpg", gallery[j].read_bytes(), "image/jpeg")},
+                           data={"name": f"conc/w{j}.jpg"}, headers={"X-API-Key": KEY})
+                (done if r.status_code == 201 else errors).append(r.status_code)
+
+    threads = [threading.Thread(target=searcher, args=(i,)) for i in range(6)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(done) == 40
+    assert httpx.get(server.url + "/stats").json()["items"] == before + 4
+
+
+def test_request_timeout(collection, tmp_path):
+    """A request running past --timeout gets 504 in the common error shape (in-process server)."""
+    import uvicorn
+
+    from lookalike.serve import SearchService, ServeConfig, create_app
+
+    shutil.copytree(collection / "col", tmp_path / "col", ignore=shutil.ignore_patterns("journal.jsonl", "items"))
+    service = SearchService(tmp_path / "col", ServeConfig(timeout=0.05, threads=1))
+    slow = service.search
+
+    def slow_search(img, k):
+        time.sleep(0.5)
+        return slow(img, k)
+
+    service.search = slow_search
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        r = httpx.post(f"http://127.0.0.1:{port}/search", timeout=30,
+                       files={"file": ("q.jpg", _jpeg(collection / "gallery" / "g_0_0.jpg"), "image/jpeg")})
+        _error(r, 504, "longer than")
+    finally:
+        srv.should_exit = True
+        t.join(10)
+
+
+def test_serve_errors_are_one_line(tmp_path):
+    p = lookalike_cli("serve", tmp_path / "missing")
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in p.stderr
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_browser_upload_shows_grid(server, collection, tmp_path):
+    """Headless Chromium (Debian's, driven by Playwright) uploads a photo on the page and sees the grid."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("LOOKALIKE_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} missing but LOOKALIKE_REQUIRE_BROWSER is set (apt-get install chromium)")
+        pytest.skip("Debian chromium not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone-sized screen
+            page.goto(server.url + "/")
+            page.fill("#k", "4")
+            page.set_input_files("#file", str(collection / "gallery" / "g_1_2.jpg"))
+            page.wait_for_selector(".hit", timeout=30_000)
+            page.wait_for_function("document.querySelectorAll('.hit img').length === 4 && "
+                                   "[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth > 0)",
+                                   timeout=30_000)
+            names = page.locator(".hit .name").all_inner_texts()
+            assert names[0] == "g_1_2.jpg" and len(names) == 4
+            assert page.is_visible("#query")
+            assert "results in" in page.inner_text("#status")
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
+            page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+            # an upload that is not an image shows the server's message
+            bad = tmp_path / "notes.jpg"
+            bad.write_text("not an image")
+            page.set_input_files("#file", str(bad))
+            page.wait_for_selector("#status.err", timeout=30_000)
+            assert "not an image" in page.inner_text("#status")
+        finally:
+            browser.close()
+    assert (tmp_path / "phone.png").stat().st_size > 1000
