@@ -269,11 +269,15 @@ class EvaluateConfig:
 
 
 def evaluate(results, labels, k: int = 10, gallery=None, normalization: str = "min", output_json=None,
-             per_query_csv=None) -> dict:
+             per_query_csv=None, report=None, query_dir=None, gallery_dir=None, report_queries: int = 50,
+             cam: int = 0, model=None) -> dict:
     """``lookalike evaluate``: metrics of a results file against an ``image,label`` CSV.
 
     The gallery (for counting relevant images) is ``gallery`` — an index folder, a feature store or
     a text file of names — or, by default, every labelled image that is not a query.
+    ``report``: a folder for an HTML page with per-query strips (worst first), a histogram of
+    first-correct ranks and, with ``cam`` > 0, activation maps; image folders default to those in
+    ``RESULTS.config.json`` (written by ``run`` and ``search``), the model to the one used there.
     """
     ranked_by_q = read_results(results)
     label_of = read_labels(labels)
@@ -315,6 +319,15 @@ def evaluate(results, labels, k: int = 10, gallery=None, normalization: str = "m
         for i, q in enumerate(queries):
             w.writerow([q, q_labels[i], *[f"{per_query[c][i]:.6g}" if isinstance(per_query[c][i], float) else per_query[c][i] for c in cols]])
         write_text_atomic(per_query_csv, buf.getvalue())
+    if report:
+        from .report import image_roots_from_config, write_report
+
+        q_root, g_root, ext_cfg = image_roots_from_config(results)
+        if model:
+            ext_cfg = {**(ext_cfg or {}), "model": str(model)}
+        summary["report"] = str(write_report(report, summary, queries, q_labels, ranked_by_q, label_of, per_query,
+                                             query_dir or q_root, gallery_dir or g_root, show_k=min(k, width),
+                                             max_queries=report_queries, cam=cam, extract_config=ext_cfg))
     return summary
 
 

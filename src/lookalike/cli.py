@@ -238,17 +238,31 @@ def run(obj, gallery, queries, output, fmt, k, workdir, factory, **kw):
 @click.option("--ap-normalization", type=str, default="min", show_default=True,
               help="min: divide AP by min(#relevant, k) (DIGIX); hits: by relevant found in the top k.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Metrics JSON (default: RESULTS.metrics.json).")
+@click.option("--report", type=click.Path(file_okay=False), default=None,
+              help="Write an HTML report (per-query strips, worst first; rank histogram) into this folder.")
+@click.option("--images", type=click.Path(exists=True), default=None,
+              help="Folder holding both query and gallery images (default: from RESULTS.config.json).")
+@click.option("--query-dir", type=click.Path(exists=True), default=None, help="Folder (or list file) of the query images.")
+@click.option("--gallery-dir", type=click.Path(exists=True), default=None, help="Folder (or list file) of the gallery images.")
+@click.option("--report-queries", type=int, default=50, show_default=True, help="Queries shown in the report.")
+@click.option("--cam", type=int, default=0, show_default=True, help="Activation maps for this many of the worst queries.")
+@click.option("--model", default=None, help="Model for --cam (default: the one that made the results).")
 @_handle_errors
-def evaluate(results, labels, k, gallery, ap_normalization, output):
+def evaluate(results, labels, k, gallery, ap_normalization, output, report, images, query_dir, gallery_dir,
+             report_queries, cam, model):
     """Score a results file (DIGIX, NAIC or CSV) against labels: top-1, mAP@k, DIGIX score, recall@k."""
     from .api import evaluate as _evaluate
 
     out = Path(output) if output else Path(str(results) + ".metrics.json")
     per_query = out.with_suffix(".per_query.csv") if output else Path(str(results) + ".per_query.csv")
-    m = _evaluate(results, labels, k=k, gallery=gallery, normalization=ap_normalization, output_json=out, per_query_csv=per_query)
+    m = _evaluate(results, labels, k=k, gallery=gallery, normalization=ap_normalization, output_json=out, per_query_csv=per_query,
+                  report=report, query_dir=query_dir or images, gallery_dir=gallery_dir or images,
+                  report_queries=report_queries, cam=cam, model=model)
     keys = ["queries", "top1", f"mAP@{k}", "mAP@10", "digix_score", "recall@1", "recall@5", "recall@10"]
     click.echo("  ".join(f"{key}={m[key]:.4f}" if isinstance(m[key], float) else f"{key}={m[key]}" for key in dict.fromkeys(keys)))
     click.echo(f"metrics: {out}  per query: {per_query}")
+    if report:
+        click.echo(f"report: {m['report']}")
 
 
 @main.command()
@@ -454,6 +468,25 @@ def sample(directory, variants):
     info = make_sample(directory, variants=variants)
     click.echo(f"sample: {info['gallery']} gallery and {info['queries']} query photos in {directory} "
                f"(labels: {Path(directory) / 'labels.csv'})")
+
+
+@main.command()
+@click.argument("images", type=click.Path(exists=True))
+@click.option("--labels", type=click.Path(dir_okay=False, exists=True), default=None, help="CSV image,label: class statistics.")
+@click.option("--queries", type=click.Path(exists=True), default=None, help="A query set: also checks it against IMAGES.")
+@click.option("--near-radius", type=int, default=4, show_default=True, help="pHash bits (of 64) that may differ for a near duplicate.")
+@click.option("--report", type=click.Path(file_okay=False), default=None, help="Write index.html, inspect.json and PNGs here.")
+@click.pass_obj
+@_handle_errors
+def inspect(obj, images, labels, queries, near_radius, report):
+    """Check a data set: counts, unreadable files, sizes, images per class, exact and near duplicates."""
+    from .inspection import InspectConfig, inspect_images, summary_lines, write_inspect_report
+
+    r = inspect_images(InspectConfig(str(images), labels, queries, near_radius), progress=obj["progress"])
+    for line in summary_lines(r):
+        click.echo(line)
+    if report:
+        click.echo(f"report: {write_inspect_report(r, report)}")
 
 
 @main.command()
