@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -315,3 +314,26 @@ def test_browser_upload_shows_grid(server, collection, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "phone.png").stat().st_size > 1000
+
+
+def test_batched_search_matches_brute_force(collection, tmp_path):
+    """Concurrent requests answered by one faiss call == numpy brute force per query, deletions excluded."""
+    import numpy as np
+
+    from lookalike.serve import SearchService, ServeConfig
+    from lookalike.store import read_store
+
+    shutil.copytree(collection / "col", tmp_path / "col", ignore=shutil.ignore_patterns("journal.jsonl", "items"))
+    service = SearchService(tmp_path / "col", ServeConfig(threads=1))
+    store = read_store(collection / "g.h5")
+    service.delete("g_1_1.jpg")
+    rng = np.random.default_rng(0)
+    q = store.features[[0, 4, 7]] + 0.05 * rng.normal(size=(3, store.dim)).astype(np.float32)
+    ks = [3, 11, 1]
+    futures = [service._batcher.submit(q[i:i + 1], ks[i]) for i in range(3)]
+    got = [f.result() for f in futures]
+    sims = q @ store.features.T
+    for i, k in enumerate(ks):
+        order = [j for j in np.argsort(-sims[i], kind="stable") if store.names[j] != "g_1_1.jpg"][:k]
+        assert [h["name"] for h in got[i]] == [store.names[j] for j in order]
+        assert np.allclose([h["score"] for h in got[i]], sims[i, order], atol=1e-5)

@@ -502,10 +502,9 @@ def inspect(obj, images, labels, queries, near_radius, report):
 @_handle_errors
 def serve(collection, host, port, max_upload_mb, timeout, api_key, k_max, threads):
     """Serve a collection (from `index` or `run`) over HTTP, with a search page at /."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if not (importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn")):
         raise LookalikeError("serving needs FastAPI and uvicorn: pip install 'lookalike[serve]'") from None
     from .serve import ServeConfig, serve as _serve
 

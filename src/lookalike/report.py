@@ -133,7 +133,7 @@ def grad_cam(extract_config, query_path, match_path) -> tuple[np.ndarray, np.nda
 
     def tensor(path):
         arr = pre(load_image(path))
-        return torch.from_numpy(np.ascontiguousarray(arr))[None].permute(0, 3, 1, 2).float().sub(127.0).div(128.0), arr
+        return torch.from_numpy(np.array(arr))[None].permute(0, 3, 1, 2).float().sub(127.0).div(128.0), arr
 
     xq, arr = tensor(query_path)
     xm, _ = tensor(match_path)

@@ -1,0 +1,133 @@
+"""Load test of `lookalike serve`: concurrent image searches from a second process on loopback.
+
+Builds a collection of ``--items`` (default 100,000) entries: the scikit-image sample gallery,
+embedded with the default model, plus synthetic rows (noisy copies of those features, so the
+index has the real dimension and model id). Starts `lookalike serve` in a subprocess, then runs
+``--clients`` threads here, each posting ``--searches`` uploads of the sample query photos to
+``POST /search`` (k 10). Prints errors, p50/p99 latency and searches/s, and, as the baseline
+measured in the same run, the same search done in-process (embed + faiss, no HTTP) one at a time.
+
+    python benchmarks/serve_load.py --items 100000 --clients 8 --searches 500
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_collection(work: Path, items: int) -> Path:
+    from lookalike.api import build_index
+    from lookalike.extract import extract
+    from lookalike.postprocess import l2n
+    from lookalike.sample import make_sample
+    from lookalike.store import read_store, write_store
+
+    make_sample(work / "sample", variants=3)
+    res = extract(work / "sample" / "gallery", work / "real.h5")
+    real = read_store(work / "real.h5")
+    rng = np.random.default_rng(0)
+    n_syn = max(0, items - len(real.names))
+    base = real.features[rng.integers(0, len(real.names), n_syn)]
+    syn = l2n(base + 0.08 * rng.normal(size=base.shape).astype(np.float32))
+    names = real.names + [f"synthetic/{i:07d}.jpg" for i in range(n_syn)]
+    write_store(work / "all.h5", names, np.vstack([real.features, syn]).astype(np.float32), real.attrs)
+    build_index(work / "all.h5", work / "col", image_root=str(work / "sample" / "gallery"))
+    del res
+    return work / "col"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--searches", type=int, default=500, help="per client")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    import httpx
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="serve-load-"))
+    col = work / "col"
+    if not (col / "manifest.json").exists():
+        t0 = time.perf_counter()
+        col = build_collection(work, args.items)
+        print(f"collection: {args.items} items built in {time.perf_counter() - t0:.0f} s ({col})", flush=True)
+    queries = [p.read_bytes() for p in sorted((work / "sample" / "queries").glob("*.jpg"))]
+
+    # baseline: the same work in-process, one search at a time
+    from lookalike.serve import SearchService, ServeConfig, decode_upload
+
+    svc = SearchService(col, ServeConfig())
+    svc.search(decode_upload(queries[0], 10 ** 8), 10)
+    t0 = time.perf_counter()
+    n_base = 40
+    for i in range(n_base):
+        svc.search(decode_upload(queries[i % len(queries)], 10 ** 8), 10)
+    base_rate = n_base / (time.perf_counter() - t0)
+    del svc
+    print(f"baseline in-process (no HTTP, sequential): {base_rate:.1f} searches/s", flush=True)
+
+    log = open(work / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", str(col), "--port", str(args.port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        stats = httpx.get(url + "/stats").json()
+        print(f"server: {stats['items']} items, {stats['dim']}-d, {stats['factory']}", flush=True)
+        lat: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def client(c: int):
+            with httpx.Client(timeout=120) as http:
+                for j in range(args.searches):
+                    data = queries[(c * 7 + j) % len(queries)]
+                    t = time.perf_counter()
+                    try:
+                        r = http.post(url + "/search", files={"file": ("q.jpg", data, "image/jpeg")}, data={"k": "10"})
+                        ok = r.status_code == 200 and len(r.json()["results"]) == 10
+                        err = None if ok else f"{r.status_code} {r.text[:80]}"
+                    except httpx.HTTPError as e:
+                        err = f"{type(e).__name__}: {e}"
+                    with lock:
+                        (errors.append(err) if err else lat.append(time.perf_counter() - t))
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+    total = args.clients * args.searches
+    lat_ms = sorted(1000 * x for x in lat)
+    p = lambda q: lat_ms[min(len(lat_ms) - 1, int(q * len(lat_ms)))] if lat_ms else float("nan")  # noqa: E731
+    rate = len(lat) / wall
+    print(f"load: {args.clients} clients x {args.searches} searches = {total}; errors {len(errors)}; "
+          f"p50 {p(0.50):.0f} ms, p99 {p(0.99):.0f} ms, max {lat_ms[-1] if lat_ms else float('nan'):.0f} ms; "
+          f"{rate:.1f} searches/s = {rate / base_rate:.2f}x the in-process sequential baseline "
+          f"(mean {statistics.mean(lat_ms) if lat_ms else float('nan'):.0f} ms)")
+    if errors:
+        print("first errors:", errors[:5])
+
+
+if __name__ == "__main__":
+    main()
