@@ -49,7 +49,10 @@ def extract_options(fn):
         click.option("--image-size", type=int, default=224, show_default=True, help="Base input side in pixels."),
         click.option("--resize", default="bucket", show_default=True, help="bucket (whole photo, aspect buckets), letterbox or crop."),
         click.option("--tta", default="", help="Test-time augmentation: comma list of flip, multiscale."),
-        click.option("--engine", default="auto", show_default=True, help="auto, onnx (onnxruntime), torch or openvino."),
+        click.option("--engine", default="auto", show_default=True,
+                     help="auto, onnx (onnxruntime), torch, openvino, or ray (Ray Data actors; lookalike[ray])."),
+        click.option("--address", "ray_address", default=None, help="With --engine ray: a Ray cluster (default: a local one)."),
+        click.option("--ray-actors", type=int, default=0, help="With --engine ray: model replicas (0: one per GPU, else cores/threads)."),
         click.option("--precision", default="fp32", show_default=True, help="fp32, or bf16 (openvino/torch; ~2x faster on CPUs with bf16 units)."),
         click.option("--batch-size", type=int, default=32, show_default=True),
         click.option("--workers", type=int, default=0, help="Decode threads (0 = number of cores)."),
@@ -120,11 +123,19 @@ def _index_config(kw: dict, factory: str):
     from .index import IndexConfig
 
     return IndexConfig(factory=factory, whiten=kw.pop("whiten"), pca_dim=kw.pop("pca_dim"),
-                       pca_power=kw.pop("pca_power"), pca_shrinkage=kw.pop("pca_shrinkage"))
+                       pca_power=kw.pop("pca_power"), pca_shrinkage=kw.pop("pca_shrinkage"),
+                       shard_size=kw.pop("shard_size", 0) or 0, nprobe=kw.pop("nprobe", None),
+                       ef_search=kw.pop("ef_search", None))
+
+
+def search_param_options(fn):
+    fn = click.option("--ef-search", type=int, default=None, help="HNSW: candidate list size at query time (higher: better recall).")(fn)
+    return click.option("--nprobe", type=int, default=None, help="IVF: inverted lists visited per query (higher: better recall).")(fn)
 
 
 def _extract_kwargs(kw: dict) -> dict:
-    keys = ("model", "weights", "max_model_mb", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "precision", "batch_size", "workers", "threads", "chunk_size")
+    keys = ("model", "weights", "max_model_mb", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "precision", "batch_size", "workers", "threads", "chunk_size",
+            "ray_address", "ray_actors")
     out = {k: kw.pop(k) for k in keys}
     out["dtype"] = "float16" if kw.pop("float16") else "float32"
     weights = kw.pop("ensemble_weights")
@@ -172,6 +183,9 @@ def extract(obj, images, output, **kw):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Index folder to write.")
 @click.option("--factory", default="Flat", show_default=True, help="faiss index_factory string (Flat, HNSW32, IVF1024,PQ32, ...).")
 @click.option("--image-root", type=click.Path(file_okay=False), default=None, help="Folder of the gallery images (for serving).")
+@click.option("--shard-size", type=int, default=0, help="IVF only: add the store in shards of this many rows, merged "
+              "into on-disk inverted lists (for galleries larger than memory).")
+@search_param_options
 @whiten_options
 @_handle_errors
 def index(features, output, factory, image_root, **kw):
@@ -191,15 +205,21 @@ def index(features, output, factory, image_root, **kw):
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", default=None, help="digix, naic or csv (default: from the suffix, .json = naic).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where query features are cached.")
+@search_param_options
 @rerank_options
 @click.pass_obj
 @_handle_errors
-def search(obj, index_dir, queries, query_features, k, output, fmt, workdir, **kw):
+def search(obj, index_dir, queries, query_features, k, output, fmt, workdir, nprobe, ef_search, **kw):
     """Search INDEX_DIR with query images or query features and write a results file."""
     from .api import search as _search
+    from .index import load_collection
 
+    col = load_collection(index_dir)
+    if nprobe or ef_search:
+        col.set_search_params(nprobe, ef_search)
     res = _search(index_dir, queries=queries, query_features=query_features, output=output, k=k, format=fmt,
-                  workdir=workdir, progress=obj["progress"], rerank=_rerank_arg(kw), spatial=_spatial_arg(kw))
+                  workdir=workdir, progress=obj["progress"], rerank=_rerank_arg(kw), spatial=_spatial_arg(kw),
+                  collection=col)
     if res.extract is not None:
         click.echo(res.extract.summary("queries"))
     click.echo(f"results: {len(res.query_names)} queries -> {output} ({res.format}) in {res.seconds:.1f} s")
@@ -468,6 +488,34 @@ def sample(directory, variants):
     info = make_sample(directory, variants=variants)
     click.echo(f"sample: {info['gallery']} gallery and {info['queries']} query photos in {directory} "
                f"(labels: {Path(directory) / 'labels.csv'})")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--add", "add_store", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Feature store whose rows are added (names must be new; same model as the index).")
+@click.option("--remove", "remove_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Text file of names to remove, one per line.")
+@_handle_errors
+def update(index_dir, add_store, remove_file):
+    """Add rows to, or remove rows from, an index folder (rewritten atomically)."""
+    from .index import load_collection, save_collection
+    from .store import read_store
+
+    if not add_store and not remove_file:
+        raise LookalikeError("nothing to do: give --add FEATS.h5 and/or --remove NAMES.txt")
+    col = load_collection(index_dir)
+    removed = added = 0
+    if remove_file:
+        names = [ln.strip() for ln in Path(remove_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        removed = col.remove(names)
+    if add_store:
+        st = read_store(add_store)
+        col.check_queries(st.features, st.model_id, str(add_store))
+        col.add(st.names, st.features)
+        added = len(st.names)
+    save_collection(col, index_dir)
+    click.echo(f"update: +{added} -{removed} -> {len(col)} vectors in {index_dir}")
 
 
 @main.command()

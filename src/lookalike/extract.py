@@ -59,6 +59,9 @@ class ExtractConfig:
     threads: int = 0  # inference threads; 0 = number of cores
     chunk_size: int = 256
     dtype: str = "float32"
+    executor: str = "local"  # local | ray (`--engine ray`): where the chunks run
+    ray_address: str | None = None  # a Ray cluster (default: a local one)
+    ray_actors: int = 0  # model replicas (0: one per GPU, else cores / threads)
 
     def __post_init__(self):
         self.tta = comma_choices(self.tta, TTA_CHOICES, "TTA")
@@ -73,6 +76,10 @@ class ExtractConfig:
                                  "give one weight per --model")
         if isinstance(self.model, tuple) and self.weights:
             raise LookalikeError("--weights applies to one backbone; for an ensemble, train or register each member")
+        if self.engine == "ray":  # `--engine ray`: Ray runs the chunks, the runner is chosen as usual
+            self.executor, self.engine = "ray", "auto"
+        if self.executor not in ("local", "ray"):
+            raise LookalikeError(f"unknown executor {self.executor!r}; use local or ray")
         if self.engine not in ENGINES:
             raise LookalikeError(f"unknown engine {self.engine!r}; use one of {', '.join(ENGINES)}")
         if self.precision not in ("fp32", "bf16"):
@@ -100,6 +107,12 @@ class ExtractConfig:
         d["ensemble_weights"] = list(self.ensemble_weights)
         if isinstance(self.model, tuple):
             d["model"] = list(self.model)
+        return d
+
+    def portable_dict(self) -> dict:
+        """:meth:`to_dict` without where it ran (saved in stores: queries are embedded locally)."""
+        d = self.to_dict()
+        d.update(executor="local", ray_address=None, ray_actors=0)
         return d
 
     # --- ensembles
@@ -382,6 +395,35 @@ class Extractor:
         except MemoryError:
             return "out of memory while decoding"
 
+    def _local_chunks(self, chunks):
+        """Decode in threads (one chunk ahead) and embed here; yields (chunk, names, features, skipped)."""
+        if not chunks:
+            return
+        self.runner  # build before the decode threads start
+        ex = ThreadPoolExecutor(max_workers=self.config.workers or os.cpu_count() or 1)
+        try:
+            pending = [ex.submit(self._prepare_or_reason, e) for e in chunks[0]]
+            for ci, chunk in enumerate(chunks):
+                futs = pending
+                pending = [ex.submit(self._prepare_or_reason, e) for e in chunks[ci + 1]] if ci + 1 < len(chunks) else []
+                good, good_names, bad = [], [], []
+                for e, f in zip(chunk, futs):
+                    r = f.result()
+                    if isinstance(r, str):
+                        bad.append((e.name, r))
+                    else:
+                        good.append(r)
+                        good_names.append(e.name)
+                yield chunk, good_names, (self.embed_prepared(good) if good else None), bad
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+
+    def _ray_chunks(self, chunks):
+        """The same chunks on Ray Data (see :mod:`lookalike.ray_engine`), in the same order."""
+        from .ray_engine import ray_chunks
+
+        yield from ray_chunks(self, chunks)
+
     def extract(self, images, output=None, progress: bool = True, label: str | None = None) -> ExtractResult:
         """Extract features of every image under ``images`` into the store ``output``.
 
@@ -422,36 +464,23 @@ class Extractor:
         n_new = 0
         bar = tqdm(total=len(todo), unit="img", desc=f"extract {label or Path(images).name}",
                    disable=not progress or not todo, dynamic_ncols=True, leave=False)
-        workers = c.workers or os.cpu_count() or 1
         chunks = [todo[i : i + c.chunk_size] for i in range(0, len(todo), c.chunk_size)]
-        if chunks:
-            self.runner  # build before the decode threads start
-        ex = ThreadPoolExecutor(max_workers=workers)
+        done = self._ray_chunks(chunks) if c.executor == "ray" else self._local_chunks(chunks)
         try:
-            pending = [ex.submit(self._prepare_or_reason, e) for e in chunks[0]] if chunks else []
-            for ci, chunk in enumerate(chunks):
-                futs = pending
-                pending = [ex.submit(self._prepare_or_reason, e) for e in chunks[ci + 1]] if ci + 1 < len(chunks) else []
-                good, good_names = [], []
-                for e, f in zip(chunk, futs):
-                    r = f.result()
-                    if isinstance(r, str):
-                        skipped.append((e.name, r))
-                        log.warning("skipped %s: %s", e.path, r)
-                    else:
-                        good.append(r)
-                        good_names.append(e.name)
-                feats = self.embed_prepared(good) if good else None
-                if good:
+            for chunk, good_names, feats, bad in done:
+                for name, reason in bad:
+                    skipped.append((name, reason))
+                    log.warning("skipped %s: %s", name, reason)
+                if good_names:
                     for i, n in enumerate(good_names):
                         have[n] = (feats, i)
                     if parts_dir is not None:
                         self._write_part(parts_dir / f"part-{next_part:06d}.npz", good_names, feats)
                         next_part += 1
-                n_new += len(good)
+                n_new += len(good_names)
                 bar.update(len(chunk))
         finally:
-            ex.shutdown(wait=True, cancel_futures=True)
+            done.close()
             bar.close()
         names = [e.name for e in entries if e.name in have]
         result = ExtractResult(output, names, n_new, n_reused, skipped, 0.0, fp)
@@ -476,7 +505,7 @@ class Extractor:
     def store_attrs(self) -> dict:
         c = self.config
         return dict(fingerprint=c.fingerprint(), model_id=c.model_id(), model=c.model_name, pooling=c.pooling,
-                    preprocess=json.dumps(c.preprocess.to_dict()), config=json.dumps(c.to_dict()),
+                    preprocess=json.dumps(c.preprocess.to_dict()), config=json.dumps(c.portable_dict()),
                     created_by=f"lookalike {__version__}")
 
     @staticmethod

@@ -147,6 +147,8 @@ class SearchService:
                     continue
                 raise LookalikeError(f"{self.journal}: line {i + 1} is damaged; remove it (or the file, to drop every change)") from None
             if rec["op"] == "add":
+                if rec["name"] in self.row_of:  # already in the index (e.g. folded in by `lookalike update`)
+                    continue
                 feat = np.frombuffer(base64.b64decode(rec["feature"]), np.float32).reshape(1, -1)
                 self._add_row(rec["name"], feat)
             elif rec["op"] == "delete":
