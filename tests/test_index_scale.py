@@ -56,7 +56,7 @@ def test_sharded_ondisk_equals_in_memory(data, tmp_path):
     root, x, names, q = data
     cfg = dict(factory="IVF16,Flat", nprobe=4, train_size=800)
     mem = build_index(root / "g.h5", None, IndexConfig(**cfg))
-    disk = build_index(root / "g.h5", tmp_path / "disk", IndexConfig(shard_size=250, **cfg))
+    build_index(root / "g.h5", tmp_path / "disk", IndexConfig(shard_size=250, **cfg))
     assert (tmp_path / "disk" / "index.ivfdata").exists() and not list((tmp_path / "disk").glob("shard-*"))
     shutil.move(tmp_path / "disk", tmp_path / "moved")  # the lists are found beside the index file
     moved = load_collection(tmp_path / "moved")

@@ -29,7 +29,7 @@ def images(tmp_path_factory):
 
 def test_ray_engine_matches_local(ray_local, images, tmp_path):
     base = dict(image_size=64, chunk_size=4, batch_size=3)
-    local = Extractor(ExtractConfig(**base)).extract(images / "imgs", tmp_path / "local.h5", progress=False)
+    Extractor(ExtractConfig(**base)).extract(images / "imgs", tmp_path / "local.h5", progress=False)
     dist = Extractor(ExtractConfig(engine="ray", ray_actors=2, threads=1, **base)).extract(
         images / "imgs", tmp_path / "ray.h5", progress=False)
     a, b = read_store(tmp_path / "local.h5"), read_store(tmp_path / "ray.h5")
