@@ -3,9 +3,9 @@
 Every codec is the same three parts:
 
 1. an orthonormal linear map to a latent space (``x -> (x - mean) @ P.T``): PCA (``sq``), the
-   identity (``pq``), faiss's OPQ rotation (``opq``), or a projection *learned* for retrieval
-   (``learned``: reconstruction + similarity-preservation loss, plus a CosFace identity loss when
-   labels are given; trained with torch, initialised from PCA);
+   identity (``pq``), faiss's OPQ rotation (``opq``), or a projection chosen and *learned* for
+   retrieval on held-out identities (``learned``: PCA, the discriminant (LDA) subspace when labels
+   are given, or OPQ, optionally fine-tuned with torch; see :mod:`lookalike.codec_train`);
 2. a quantiser that gives exactly ``B`` bytes per vector: per-dimension uniform 8- or 4-bit levels
    (``sq``), or product quantisation with ``B`` sub-quantisers of 256 centroids each (faiss k-means);
 3. the transposed map back (``latent @ P + mean``).

@@ -1,12 +1,22 @@
-"""Learning the projection of the ``learned`` codec (torch; see :mod:`lookalike.codec`).
+"""Choosing and learning the projection of the ``learned`` codec (see :mod:`lookalike.codec`).
 
-The projection ``P`` (m × d, orthonormal rows via torch's orthogonal parametrisation) starts from
-PCA and is trained with three losses on the reconstruction ``x̂ = (x - mean) Pᵀ P + mean``:
-relative reconstruction error, a listwise similarity-preservation loss (KL between the softmax of
-each row of the batch's cosine-similarity matrix before and after, temperature 0.05: the
-neighbourhoods retrieval depends on), and, with labels, pytorch-metric-learning's CosFace on the
-reconstructed features. The latent size m (a multiple of the byte budget) and whether training beats
-plain PCA are chosen on held-out training identities.
+Candidates, each an orthonormal m × d map followed by PQ at the byte budget:
+- ``pca``: the top-m principal directions;
+- ``lda`` (with labels): the discriminant subspace — directions that separate identities relative to
+  their within-identity spread (regularised Fisher LDA, at most #identities − 1 of them), completed
+  with the top principal directions of what they leave out. Reconstructions keep the identity
+  signal and drop the nuisance (pose, light, background), which is why this codec can score *above*
+  the float32 features it compresses;
+- ``opq``: faiss's full-dimensional OPQ rotation (so the learned codec is never worse than OPQ on the
+  held-out identities);
+- ``trained``: the best of the above at its m, fine-tuned with torch (orthogonal parametrisation)
+  on relative reconstruction error + a listwise similarity-preservation loss (KL between the
+  softmax of each row of the batch's cosine-similarity matrix before and after, temperature 0.05)
+  + pytorch-metric-learning's CosFace on the reconstructed features when labels are given.
+The latent size m (2, 4, 8 or 16 dims per byte) and the candidate are chosen on held-out training
+identities (a fifth of the identities, never seen by the candidates being compared); the winner is
+then refitted on everything. Fisher LDA is a few lines of numpy (scikit-learn's would add a
+dependency for the same eigenproblem).
 """
 from __future__ import annotations
 
@@ -39,7 +49,35 @@ def _retrieval_score(orig: np.ndarray, recon: np.ndarray, labels) -> float:
     return neighbour_recall(l2n(orig), l2n(recon))
 
 
-def train_projection(xc: np.ndarray, mean: np.ndarray, labels, m: int, epochs: int, seed: int) -> tuple[np.ndarray, list]:
+def discriminant_basis(xc: np.ndarray, labels, m: int, reg: float = 0.1) -> np.ndarray:
+    """(m, d) orthonormal rows: regularised Fisher-LDA directions of centred ``xc`` (at most
+    #classes − 1), then the top principal directions of the remainder."""
+    from .codec import _orthonormal_rows, _pca
+
+    xc = np.asarray(xc, np.float64)
+    n, d = xc.shape
+    classes, y = np.unique(np.asarray(labels), return_inverse=True)
+    counts = np.bincount(y).astype(np.float64)
+    means = np.zeros((len(classes), d))
+    np.add.at(means, y, xc)
+    means /= counts[:, None]
+    within = xc - means[y]
+    sw = within.T @ within / n
+    sw += reg * np.trace(sw) / d * np.eye(d)
+    sb = (means.T * counts) @ means / n
+    evals, evecs = np.linalg.eigh(sw)
+    whiten = evecs / np.sqrt(np.maximum(evals, 1e-12))
+    e2, u = np.linalg.eigh(whiten.T @ sb @ whiten)
+    r = min(m, len(classes) - 1, d)
+    basis = _orthonormal_rows((whiten @ u[:, np.argsort(e2)[::-1][:r]]).T) if r > 0 else np.zeros((0, d))
+    if m > r:
+        rest = xc - (xc @ basis.T) @ basis
+        basis = np.vstack([basis, _pca(rest, m - r)])
+    return _orthonormal_rows(basis)
+
+
+def train_projection(xc: np.ndarray, mean: np.ndarray, labels, m: int, epochs: int, seed: int,
+                     init: np.ndarray | None = None) -> tuple[np.ndarray, list]:
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -51,7 +89,7 @@ def train_projection(xc: np.ndarray, mean: np.ndarray, labels, m: int, epochs: i
     mu = torch.from_numpy(np.asarray(mean, np.float32))
     lin = nn.Linear(X.shape[1], m, bias=False)
     with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy(_pca(xc, m).astype(np.float32)))
+        lin.weight.copy_(torch.from_numpy((_pca(xc, m) if init is None else init).astype(np.float32)))
     nn.utils.parametrizations.orthogonal(lin)
     params = list(lin.parameters())
     cos = None
@@ -95,34 +133,59 @@ def train_projection(xc: np.ndarray, mean: np.ndarray, labels, m: int, epochs: i
     return W, history
 
 
+def _candidate(kind: str, xc: np.ndarray, labels, m: int, nbytes: int, seed: int) -> np.ndarray:
+    from .codec import _opq, _pca
+
+    if kind == "pca":
+        return _pca(xc, m)
+    if kind == "lda":
+        return discriminant_basis(xc, labels, m)
+    return _opq(xc, nbytes, seed)
+
+
 def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes: int, latent_dim: int | None,
                                 epochs: int, seed: int) -> tuple[np.ndarray, int, list]:
-    """Pick the latent size (2, 4, 8 or 16 dims per byte, at most d) and PCA vs. trained on held-out
-    identities, then train the winner on everything. Returns (projection, m, history)."""
-    from .codec import Codec, _orthonormal_rows, _pca
+    """Score every candidate (kind, m) on held-out identities, fine-tune the best, keep whichever
+    scores higher, and refit that recipe on all of ``x``. Returns (projection, m, history)."""
+    from .codec import Codec, _orthonormal_rows
 
     d = x.shape[1]
     xc = x - mean
-    cands = [latent_dim] if latent_dim else [m for m in (2 * nbytes, 4 * nbytes, 8 * nbytes, 16 * nbytes) if m <= d] or [nbytes]
-    cands = [m for m in cands if m % nbytes == 0 and m <= d] or [nbytes]
+    ms = [latent_dim] if latent_dim else [m for m in (2 * nbytes, 4 * nbytes, 8 * nbytes, 16 * nbytes) if m <= d] or [nbytes]
+    ms = [m for m in ms if m % nbytes == 0 and m <= d] or [nbytes]
+    lab = None if labels is None else np.asarray(labels)
+    kinds = ["pca"] + (["lda"] if lab is not None and len(np.unique(lab)) > 1 else [])
+    choices = [(m, k) for m in ms for k in kinds]
+    d_opq = -(-d // nbytes) * nbytes
+    if not latent_dim:
+        choices.append((d_opq, "opq"))
     tr, va = _holdout(len(xc), labels, seed)
-    choices = [(m, e) for m in cands for e in (0, epochs)]
-    if len(choices) > 1 and len(tr) >= 256 and len(va) >= 20:
-        lab = None if labels is None else np.asarray(labels)
-        scores = {}
-        for m, e in choices:
-            proj = _pca(xc[tr], m) if e == 0 else train_projection(xc[tr], mean, None if lab is None else lab[tr], m, e, seed)[0]
+    scores: dict = {}
+    best = choices[-1]
+    if len(tr) >= 256 and len(va) >= 20:
+        def score(proj):
             c = Codec(nbytes=nbytes, method="pq", seed=seed).fit_quantiser(x[tr], _orthonormal_rows(proj), mean)
-            rec = c.decode(c.encode(x[va]))
-            scores[(m, e)] = _retrieval_score(x[va], rec, None if lab is None else lab[va])
-            log.info("learned codec, %d B: latent %d, %s: held-out score %.4f", nbytes, m, "trained" if e else "PCA", scores[(m, e)])
+            return _retrieval_score(x[va], c.decode(c.encode(x[va])), None if lab is None else lab[va])
+
+        protos = {}
+        for m, kind in choices:
+            protos[(m, kind)] = _candidate(kind, xc[tr], None if lab is None else lab[tr], m, nbytes, seed)
+            scores[(m, kind)] = score(protos[(m, kind)])
+            log.info("learned codec, %d B: latent %d, %s: held-out score %.4f", nbytes, m, kind, scores[(m, kind)])
         best = max(choices, key=lambda c: scores[c])
-    else:
-        scores, best = {}, choices[-1]
-    m, e = best
-    if e == 0:
-        proj, history = _pca(xc, m), []
-    else:
-        proj, history = train_projection(xc, mean, labels, m, e, seed)
-    history = [{"selection": {f"{mm}/{'trained' if ee else 'pca'}": v for (mm, ee), v in scores.items()}}] + history
+        if epochs and best[1] != "opq":
+            m, kind = best
+            tuned, _ = train_projection(xc[tr], mean, None if lab is None else lab[tr], m, epochs, seed,
+                                        init=_orthonormal_rows(protos[best]))
+            scores[(m, kind + "+trained")] = score(tuned)
+            log.info("learned codec, %d B: latent %d, %s fine-tuned: held-out score %.4f", nbytes, m, kind,
+                     scores[(m, kind + "+trained")])
+            if scores[(m, kind + "+trained")] > scores[best]:
+                best = (m, kind + "+trained")
+    m, kind = best
+    proj = _candidate(kind.split("+")[0], xc, lab, m, nbytes, seed)
+    history: list = []
+    if kind.endswith("+trained"):
+        proj, history = train_projection(xc, mean, lab, m, epochs, seed, init=_orthonormal_rows(proj))
+    history = [{"selection": {f"{mm}/{kk}": v for (mm, kk), v in scores.items()}, "chosen": f"{m}/{kind}"}] + history
     return _orthonormal_rows(proj), m, history
