@@ -92,11 +92,14 @@ def ray_chunks(extractor, chunks):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    if not log.isEnabledFor(logging.DEBUG):  # Ray Data's per-run INFO lines; -vv shows them
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     items = [{"chunk": ci, "name": e.name, "path": str(e.path)} for ci, chunk in enumerate(chunks) for e in chunk]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(1, c.batch_size), 4 * actors)))
     ds = ds.map_batches(_Embed, fn_constructor_kwargs=dict(config=c.to_dict(), threads=threads, dim=dim), batch_size=c.batch_size,
-                        concurrency=actors, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else threads,
-                        batch_format="numpy")
+                        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0,
+                        num_cpus=0 if gpus else threads, batch_format="numpy")
     log.info("ray: %d actor(s) x %d thread(s)%s", actors, threads, f", {gpus} GPU(s)" if gpus else "")
     current, names, feats, bad = 0, [], [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
