@@ -217,3 +217,16 @@ def test_learned_codec_beats_opq_when_nuisance_dominates():
     s_opq = leave_one_out(l2n(opq.decode(opq.encode(xt))), yt)["digix_score"]
     assert "lda" in learned.history_[0]["chosen"], learned.history_[0]
     assert s_learned > s_opq + 0.1, (s_learned, s_opq)
+
+
+def test_holdout_by_identities_or_images():
+    from lookalike.codec_train import _holdout
+
+    y = np.repeat(np.arange(30), 10)
+    tr, va = _holdout(len(y), y, 0, "identities")
+    assert not set(y[tr]) & set(y[va]) and len(set(y[va])) == 6  # unseen identities
+    tr, va = _holdout(len(y), y, 0, "images")
+    assert set(y[tr]) == set(y[va]) == set(range(30))  # every identity on both sides
+    assert np.bincount(y[va]).tolist() == [2] * 30 and not set(tr) & set(va)
+    with pytest.raises(LookalikeError, match="selection"):
+        Codec(method="learned", selection="everything")

@@ -369,15 +369,19 @@ def codec():
 @click.option("--labels", type=click.Path(), default=None, help="CSV image,label or NAIC train_list.txt (learned codec).")
 @click.option("--epochs", type=int, default=30, show_default=True, help="learned: training epochs.")
 @click.option("--latent-dim", type=int, default=None, help="learned: latent size (default: chosen on held-out data).")
+@click.option("--selection", type=click.Choice(["identities", "images"]), default="identities", show_default=True,
+              help="learned: compare candidates on held-out identities (open set, NAIC) or held-out images of "
+                   "every identity (closed set: the gallery's classes are the training classes).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_handle_errors
-def codec_fit(feats, output, nbytes, method, bits, labels, epochs, latent_dim, seed):
+def codec_fit(feats, output, nbytes, method, bits, labels, epochs, latent_dim, selection, seed):
     """Fit a codec on training features (a store .h5 or a folder of NAIC .dat files)."""
     from .codec import Codec, load_features, load_labels_for
 
     names, x, model_id = load_features(feats, with_model_id=True)
     y = load_labels_for(names, labels) if labels else None
-    c = Codec(nbytes=nbytes, method=method, bits=int(bits), latent_dim=latent_dim, epochs=epochs, seed=seed).fit(x, y)
+    c = Codec(nbytes=nbytes, method=method, bits=int(bits), latent_dim=latent_dim, epochs=epochs, seed=seed,
+              selection=selection).fit(x, y)
     c.model_id_ = model_id
     c.save(output)
     click.echo(f"codec: {method}, {nbytes} bytes per vector, {c.dim_}-d -> latent {c.latent_dim_}; fitted on {len(x)} "

@@ -68,6 +68,10 @@ class Codec:
     latent_dim: int | None = None  # learned only: None = chosen on held-out training features
     epochs: int = 30
     seed: int = 0
+    # learned only: how candidates are compared. "identities": on identities held out of the fit
+    # (open set: queries show identities never trained on, as in NAIC re-ID); "images": on images
+    # held out of every identity (closed set: the gallery's classes are the training classes)
+    selection: str = "identities"
     history_: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
@@ -75,6 +79,8 @@ class Codec:
             raise LookalikeError(f"unknown codec method {self.method!r}; use one of {', '.join(METHODS)}")
         if not 1 <= self.nbytes <= 65536:
             raise LookalikeError(f"--bytes {self.nbytes}: give a budget of 1..65536 bytes per vector")
+        if self.selection not in ("identities", "images"):
+            raise LookalikeError(f"unknown selection {self.selection!r}; use identities (open set) or images (closed set)")
         if self.method == "sq" and self.bits not in (4, 8):
             raise LookalikeError(f"scalar quantisation takes 8 or 4 bits, not {self.bits}")
 
@@ -143,7 +149,7 @@ class Codec:
         if labels is not None and len(labels) != len(x):
             raise LookalikeError(f"codec: {len(labels)} labels for {len(x)} feature rows")
         proj, self.latent_dim, self.history_ = choose_and_train_projection(
-            x, self.mean_, labels, self.nbytes, self.latent_dim, self.epochs, self.seed)
+            x, self.mean_, labels, self.nbytes, self.latent_dim, self.epochs, self.seed, self.selection)
         return proj
 
     # ------------------------------------------------------------------ coding

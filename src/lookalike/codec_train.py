@@ -14,8 +14,10 @@ Candidates, each an orthonormal m × d map followed by PQ at the byte budget:
   softmax of each row of the batch's cosine-similarity matrix before and after, temperature 0.05)
   + pytorch-metric-learning's CosFace on the reconstructed features when labels are given.
 The latent size m (2, 4, 8 or 16 dims per byte) and the candidate are chosen on held-out training
-identities (a fifth of the identities, never seen by the candidates being compared); the winner is
-then refitted on everything. Fisher LDA is a few lines of numpy (scikit-learn's would add a
+data — by default a fifth of the identities, never seen by the candidates being compared (open set,
+as in NAIC re-ID); with ``selection="images"`` a fifth of every identity's images (closed set: the
+gallery holds the training classes, as in the grocery protocol) — and the winner is refitted on
+everything. Fisher LDA is a few lines of numpy (scikit-learn's would add a
 dependency for the same eigenproblem).
 """
 from __future__ import annotations
@@ -27,9 +29,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def _holdout(n: int, labels, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _holdout(n: int, labels, seed: int, by: str = "identities") -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    if labels is not None:
+    if labels is not None and by == "images":  # a fifth of each identity's images
+        labels = np.asarray(labels)
+        val = np.zeros(n, bool)
+        for lab in np.unique(labels):
+            idx = np.flatnonzero(labels == lab)
+            if len(idx) >= 4:
+                val[rng.choice(idx, max(2, len(idx) // 5), replace=False)] = True
+    elif labels is not None:
         labels = np.asarray(labels)
         classes = np.unique(labels)
         val_classes = set(rng.choice(classes, max(1, len(classes) // 5), replace=False).tolist())
@@ -144,7 +153,7 @@ def _candidate(kind: str, xc: np.ndarray, labels, m: int, nbytes: int, seed: int
 
 
 def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes: int, latent_dim: int | None,
-                                epochs: int, seed: int) -> tuple[np.ndarray, int, list]:
+                                epochs: int, seed: int, selection: str = "identities") -> tuple[np.ndarray, int, list]:
     """Score every candidate (kind, m) on held-out identities, fine-tune the best, keep whichever
     scores higher, and refit that recipe on all of ``x``. Returns (projection, m, history)."""
     from .codec import Codec, _orthonormal_rows
@@ -159,7 +168,7 @@ def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes:
     d_opq = -(-d // nbytes) * nbytes
     if not latent_dim:
         choices.append((d_opq, "opq"))
-    tr, va = _holdout(len(xc), labels, seed)
+    tr, va = _holdout(len(xc), labels, seed, selection)
     scores: dict = {}
     best = choices[-1]
     if len(tr) >= 256 and len(va) >= 20:
