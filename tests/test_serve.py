@@ -242,31 +242,39 @@ def test_concurrent_searches_and_writes(server, collection):
     assert httpx.get(server.url + "/stats").json()["items"] == before + 4
 
 
-def test_request_timeout(collection, tmp_path):
-    """A request running past --timeout gets 504 in the common error shape (in-process server)."""
+def test_request_timeout_and_internal_errors(collection, tmp_path):
+    """A request running past --timeout gets 504, and a bug 500 without a traceback, both in the
+    common error shape (in-process server)."""
     import uvicorn
 
     from lookalike.serve import SearchService, ServeConfig, create_app
 
     shutil.copytree(collection / "col", tmp_path / "col", ignore=shutil.ignore_patterns("journal.jsonl", "items"))
-    service = SearchService(tmp_path / "col", ServeConfig(timeout=0.05, threads=1))
-    slow = service.search
+    service = SearchService(tmp_path / "col", ServeConfig(timeout=0.3, threads=1))
+    real = service.search
 
-    def slow_search(img, k):
-        time.sleep(0.5)
-        return slow(img, k)
+    def search(img, k):
+        if k == 2:
+            raise RuntimeError("secret internal detail")
+        if k == 3:
+            time.sleep(1.0)
+        return real(img, k)
 
-    service.search = slow_search
+    service.search = search
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="critical"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     try:
         while not srv.started:
             time.sleep(0.05)
-        r = httpx.post(f"http://127.0.0.1:{port}/search", timeout=30,
-                       files={"file": ("q.jpg", _jpeg(collection / "gallery" / "g_0_0.jpg"), "image/jpeg")})
-        _error(r, 504, "longer than")
+        url = f"http://127.0.0.1:{port}/search"
+        files = {"file": ("q.jpg", _jpeg(collection / "gallery" / "g_0_0.jpg"), "image/jpeg")}
+        _error(httpx.post(url, timeout=30, files=files, data={"k": "3"}), 504, "longer than")
+        r = httpx.post(url, timeout=30, files=files, data={"k": "2"})
+        _error(r, 500, "internal error")
+        assert "secret internal detail" not in r.text and "RuntimeError" not in r.text
+        assert httpx.post(url, timeout=30, files=files, data={"k": "1"}).status_code == 200
     finally:
         srv.should_exit = True
         t.join(10)
