@@ -49,11 +49,14 @@ def _to_grid(x: np.ndarray, step: float) -> np.ndarray:
 
 
 def _orthonormal_rows(a: np.ndarray) -> np.ndarray:
-    """Orthonormalised rows of ``a`` (k, d); rows beyond d are zero (padding for PQ)."""
+    """Orthonormalised rows of ``a`` (k, d), in order (row i spans what rows 0..i span); all-zero
+    rows, and rows beyond d, stay zero (padding: latent dimensions that carry nothing)."""
     a = np.asarray(a, np.float64)
-    q, _ = np.linalg.qr(a.T)
+    keep = np.flatnonzero(np.abs(a).sum(axis=1) > 0)
     out = np.zeros_like(a)
-    out[: q.shape[1]] = q.T
+    if len(keep):
+        q, _ = np.linalg.qr(a[keep].T)
+        out[keep[: q.shape[1]]] = q.T
     return out
 
 

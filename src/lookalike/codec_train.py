@@ -3,8 +3,8 @@
 Candidates, each an orthonormal m × d map followed by PQ at the byte budget:
 - ``pca``: the top-m principal directions;
 - ``lda`` (with labels): the discriminant subspace — directions that separate identities relative to
-  their within-identity spread (regularised Fisher LDA, at most #identities − 1 of them), completed
-  with the top principal directions of what they leave out. Reconstructions keep the identity
+  their within-identity spread (regularised Fisher LDA, at most #identities − 1 of them), and
+  ``lda+pca``: the same completed with the top principal directions of what they leave out. Reconstructions keep the identity
   signal and drop the nuisance (pose, light, background), which is why this codec can score *above*
   the float32 features it compresses;
 - ``opq``: faiss's full-dimensional OPQ rotation (so the learned codec is never worse than OPQ on the
@@ -58,9 +58,11 @@ def _retrieval_score(orig: np.ndarray, recon: np.ndarray, labels) -> float:
     return neighbour_recall(l2n(orig), l2n(recon))
 
 
-def discriminant_basis(xc: np.ndarray, labels, m: int, reg: float = 0.1) -> np.ndarray:
+def discriminant_basis(xc: np.ndarray, labels, m: int, reg: float = 0.1, fill: str = "pca") -> np.ndarray:
     """(m, d) orthonormal rows: regularised Fisher-LDA directions of centred ``xc`` (at most
-    #classes − 1), then the top principal directions of the remainder."""
+    #classes − 1), then (``fill="pca"``) the top principal directions of the remainder or
+    (``fill="zero"``) zero rows: latent dimensions that carry nothing, so the reconstruction keeps
+    only the discriminant subspace."""
     from .codec import _orthonormal_rows, _pca
 
     xc = np.asarray(xc, np.float64)
@@ -79,7 +81,9 @@ def discriminant_basis(xc: np.ndarray, labels, m: int, reg: float = 0.1) -> np.n
     e2, u = np.linalg.eigh(whiten.T @ sb @ whiten)
     r = min(m, len(classes) - 1, d)
     basis = _orthonormal_rows((whiten @ u[:, np.argsort(e2)[::-1][:r]]).T) if r > 0 else np.zeros((0, d))
-    if m > r:
+    if m > r and fill == "zero":
+        basis = np.vstack([basis, np.zeros((m - r, d))])
+    elif m > r:
         rest = xc - (xc @ basis.T) @ basis
         basis = np.vstack([basis, _pca(rest, m - r)])
     return _orthonormal_rows(basis)
@@ -148,7 +152,9 @@ def _candidate(kind: str, xc: np.ndarray, labels, m: int, nbytes: int, seed: int
     if kind == "pca":
         return _pca(xc, m)
     if kind == "lda":
-        return discriminant_basis(xc, labels, m)
+        return discriminant_basis(xc, labels, m, fill="zero")
+    if kind == "lda+pca":
+        return discriminant_basis(xc, labels, m, fill="pca")
     return _opq(xc, nbytes, seed)
 
 
@@ -160,11 +166,15 @@ def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes:
 
     d = x.shape[1]
     xc = x - mean
-    ms = [latent_dim] if latent_dim else [m for m in (2 * nbytes, 4 * nbytes, 8 * nbytes, 16 * nbytes) if m <= d] or [nbytes]
+    ms = [latent_dim] if latent_dim else [m for m in (nbytes, 2 * nbytes, 4 * nbytes, 8 * nbytes, 16 * nbytes) if m <= d] or [nbytes]
     ms = [m for m in ms if m % nbytes == 0 and m <= d] or [nbytes]
     lab = None if labels is None else np.asarray(labels)
-    kinds = ["pca"] + (["lda"] if lab is not None and len(np.unique(lab)) > 1 else [])
-    choices = [(m, k) for m in ms for k in kinds]
+    n_disc = len(np.unique(lab)) - 1 if lab is not None else 0
+    choices = [(m, "pca") for m in ms if m > nbytes or latent_dim]
+    if n_disc > 0:  # pure discriminant subspace (zero-padded past its n_disc dims), and PCA-completed
+        above = [m for m in ms if m > n_disc][:1]  # the smallest latent that holds all of it
+        choices += [(m, "lda") for m in ms if m <= n_disc or m in above]
+        choices += [(m, "lda+pca") for m in ms if m > n_disc]
     d_opq = -(-d // nbytes) * nbytes
     if not latent_dim:
         choices.append((d_opq, "opq"))
