@@ -230,3 +230,17 @@ def test_holdout_by_identities_or_images():
     assert np.bincount(y[va]).tolist() == [2] * 30 and not set(tr) & set(va)
     with pytest.raises(LookalikeError, match="selection"):
         Codec(method="learned", selection="everything")
+
+
+def test_zero_padded_latent_rows_stay_zero():
+    from lookalike.codec import _orthonormal_rows
+    from lookalike.codec_train import discriminant_basis
+
+    x, y, _ = _nuisance_world(40, 8, seed=4)
+    p = discriminant_basis(x - x.mean(0), y, 48, fill="zero")  # 39 discriminant rows, 9 empty
+    assert np.abs(p[39:]).max() == 0 and np.allclose(p[:39] @ p[:39].T, np.eye(39), atol=1e-8)
+    q = _orthonormal_rows(p)
+    assert np.abs(q[39:]).max() == 0 and np.allclose(np.abs(np.diag(q[:39] @ p[:39].T)), 1)  # same rows, up to sign
+    c = Codec(nbytes=16, method="pq").fit_quantiser(x, p, x.mean(0))
+    rec = c.decode(c.encode(x))
+    assert np.allclose((rec - c.mean_) @ p[39:].T, 0)  # nothing comes back from the empty rows
