@@ -345,3 +345,15 @@ def test_batched_search_matches_brute_force(collection, tmp_path):
         order = [j for j in np.argsort(-sims[i], kind="stable") if store.names[j] != "g_1_1.jpg"][:k]
         assert [h["name"] for h in got[i]] == [store.names[j] for j in order]
         assert np.allclose([h["score"] for h in got[i]], sims[i, order], atol=1e-5)
+
+
+def test_upload_pixel_cap():
+    """A small file that decodes to too many pixels is refused before decoding (413)."""
+    from lookalike.serve import HTTPError, decode_upload
+
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), (200, 10, 10)).save(buf, "PNG")
+    assert decode_upload(buf.getvalue(), 10 ** 6).size == (400, 300)
+    with pytest.raises(HTTPError) as e:
+        decode_upload(buf.getvalue(), 100_000)
+    assert e.value.status == 413 and "400x300" in e.value.message
