@@ -90,20 +90,27 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
-    """Decode one image to RGB with EXIF orientation applied.
+class TooManyPixels(BadImage):
+    """An image over the pixel cap (or Pillow's decompression-bomb guard)."""
+
+
+def load_image(path, min_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode one image (a path, or an open binary file such as ``io.BytesIO``) to RGB with EXIF
+    orientation applied.
 
     ``min_side``: JPEGs are decoded at the smallest 1/2, 1/4 or 1/8 scale whose sides stay
     >= ``min_side`` (DCT-domain downscaling, several times faster on multi-megapixel photos).
-    Raises :class:`BadImage` with a human-readable reason for anything unusable.
+    ``max_pixels``: images with more pixels are refused from their header, before decoding.
+    Raises :class:`BadImage` (:class:`TooManyPixels` for the pixel cap) with a human-readable reason.
     """
-    path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if isinstance(path, (str, os.PathLike)) and Path(path).stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                if max_pixels and im.width * im.height > max_pixels:
+                    raise TooManyPixels(f"image has {im.width}x{im.height} pixels, more than the {max_pixels} allowed")
                 if min_side and im.format == "JPEG":
                     im.draft("RGB", (min_side, min_side))
                 im.load()
@@ -115,7 +122,7 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"too many pixels (decompression-bomb guard): {e}") from None
+        raise TooManyPixels(f"too many pixels (decompression-bomb guard): {e}") from None
     except OSError as e:
         raise BadImage(f"truncated or corrupt: {e}") from None
     except (ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError) as e:

@@ -418,12 +418,6 @@ class Extractor:
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
 
-    def _ray_chunks(self, chunks):
-        """The same chunks on Ray Data (see :mod:`lookalike.ray_engine`), in the same order."""
-        from .ray_engine import ray_chunks
-
-        yield from ray_chunks(self, chunks)
-
     def extract(self, images, output=None, progress: bool = True, label: str | None = None) -> ExtractResult:
         """Extract features of every image under ``images`` into the store ``output``.
 
@@ -465,7 +459,12 @@ class Extractor:
         bar = tqdm(total=len(todo), unit="img", desc=f"extract {label or Path(images).name}",
                    disable=not progress or not todo, dynamic_ncols=True, leave=False)
         chunks = [todo[i : i + c.chunk_size] for i in range(0, len(todo), c.chunk_size)]
-        done = self._ray_chunks(chunks) if c.executor == "ray" else self._local_chunks(chunks)
+        if c.executor == "ray":
+            from .ray_engine import ray_chunks
+
+            done = ray_chunks(self, chunks)  # the same chunks on Ray Data actors, in the same order
+        else:
+            done = self._local_chunks(chunks)
         try:
             for chunk, good_names, feats, bad in done:
                 for name, reason in bad:

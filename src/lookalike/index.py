@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 import shutil
 import tempfile
 import time
@@ -124,7 +125,7 @@ class Collection:
         """Append rows (names must be new); searchable at once; :func:`save_collection` keeps them."""
         names = [str(n) for n in names]
         have = set(self.names)
-        dup = [n for n in names if n in have] or [n for n, c in _counts(names).items() if c > 1]
+        dup = [n for n in names if n in have] or [n for n, c in Counter(names).items() if c > 1]
         if dup:
             raise LookalikeError(f"{dup[0]!r} is already in the index; remove it first or rename it")
         x = self.prepare(features)
@@ -212,13 +213,6 @@ def _manifest(attrs: dict, dim: int, input_dim: int, whitening: bool, count: int
         ondisk=bool(config.shard_size), features=str(source), created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         created_by=f"lookalike {__version__}", faiss=getattr(faiss, "__version__", "?"),
     )
-
-
-def _counts(items) -> dict:
-    out: dict = {}
-    for it in items:
-        out[it] = out.get(it, 0) + 1
-    return out
 
 
 def set_search_params(index, nprobe: int | None, ef_search: int | None, factory: str = "?") -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import logging
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -53,11 +54,13 @@ def _probe(entry, which: str) -> ImageInfo:
 
     info = ImageInfo(entry.name, which)
     try:
-        data = entry.path.read_bytes()
+        data = entry.path.read_bytes()  # read once: hashed, decoded, and its header read from memory
         info.sha256 = hashlib.sha256(data).hexdigest()
-        with Image.open(entry.path) as im:
+        if not data:
+            raise BadImage("empty file (0 bytes)")
+        img = load_image(io.BytesIO(data), min_side=64)
+        with Image.open(io.BytesIO(data)) as im:  # full-size dimensions (the decode above may be reduced)
             info.width, info.height, info.format = im.width, im.height, im.format or ""
-        img = load_image(entry.path, min_side=64)
         info.phash = np.packbits(imagehash.phash(img).hash.flatten()).tobytes()
     except BadImage as e:
         info.error = str(e)

@@ -33,17 +33,17 @@ class _Embed:
 
         cfg = ExtractConfig.from_dict({**config, "executor": "local", "threads": threads, "workers": threads})
         self.extractor = Extractor(cfg)
-        self.extractor.runner  # load the model once per actor
-        self.dim = dim
-
-    def __call__(self, batch: dict) -> dict:
         from concurrent.futures import ThreadPoolExecutor
 
+        self.extractor.runner  # load the model once per actor
+        self.dim = dim
+        self.pool = ThreadPoolExecutor(max(1, threads))  # decode threads, for the actor's lifetime
+
+    def __call__(self, batch: dict) -> dict:
         from .data import ImageEntry
 
         entries = [ImageEntry(str(n), Path(str(p))) for n, p in zip(batch["name"], batch["path"])]
-        with ThreadPoolExecutor(max(1, self.extractor.config.workers)) as ex:
-            prepared = list(ex.map(self.extractor._prepare_or_reason, entries))
+        prepared = list(self.pool.map(self.extractor._prepare_or_reason, entries))
         good = [i for i, r in enumerate(prepared) if not isinstance(r, str)]
         feats = self.extractor.embed_prepared([prepared[i] for i in good]) if good else None
         out = np.zeros((len(entries), self.dim), np.float32)  # rows of unreadable files stay zero

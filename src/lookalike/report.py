@@ -116,20 +116,24 @@ def rank_histogram(first_correct: np.ndarray, k: int, path: Path) -> None:
     plt.close(fig)
 
 
-def grad_cam(extract_config, query_path, match_path) -> tuple[np.ndarray, np.ndarray]:
-    """((H, W) map in [0, 1], the (H, W, 3) uint8 query as the model sees it): where the query's
-    similarity to the match comes from."""
-    import torch
-
-    from .data import load_image
+def cam_model(extract_config):
+    """(embedding network, preprocessing) for :func:`grad_cam`: built once per report."""
     from .extract import ExtractConfig, Extractor
 
     cfg = extract_config if isinstance(extract_config, ExtractConfig) else ExtractConfig.from_dict(extract_config or {})
     if isinstance(cfg.model, tuple):
         raise LookalikeError("Grad-CAM maps need a single model, not an ensemble; drop --cam")
-    ext = Extractor(cfg)
-    net = ext.build_embedder().eval()
-    pre = cfg.preprocess
+    return Extractor(cfg).build_embedder().eval(), cfg.preprocess
+
+
+def grad_cam(model, query_path, match_path) -> tuple[np.ndarray, np.ndarray]:
+    """((H, W) map in [0, 1], the (H, W, 3) uint8 query as the model sees it): where the query's
+    similarity to the match comes from. ``model`` is what :func:`cam_model` returns."""
+    import torch
+
+    from .data import load_image
+
+    net, pre = model
 
     def tensor(path):
         arr = pre(load_image(path))
@@ -177,6 +181,7 @@ def write_report(out_dir, summary: dict, queries: list[str], q_labels: list[str]
     rank_histogram(first, max(show_k, 10), out / "first_correct_rank.png")
     rows = []
     cam_done = 0
+    model = None
     for pos, qi in enumerate(order[:max_queries]):
         q = queries[qi]
         ranked = [(g, gpath(g), label_of.get(g) == q_labels[qi]) for g in ranked_by_q[q][:show_k]]
@@ -186,7 +191,8 @@ def write_report(out_dir, summary: dict, queries: list[str], q_labels: list[str]
         if cam_done < cam and ranked and qpath(q) is not None and ranked[0][1] is not None:
             try:
                 (out / "cam").mkdir(exist_ok=True)
-                heat, arr = grad_cam(extract_config, qpath(q), ranked[0][1])
+                model = model or cam_model(extract_config)
+                heat, arr = grad_cam(model, qpath(q), ranked[0][1])
                 cam_name = f"cam/{pos:04d}.png"
                 cam_overlay(heat, arr).save(out / cam_name)
                 cam_html = f"<figure><img src='{cam_name}' alt='activation map'><figcaption>what matched " \

@@ -27,13 +27,12 @@ import os
 import re
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ._io import atomic_path
 from .errors import LookalikeError
@@ -64,28 +63,18 @@ class HTTPError(Exception):
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes of an upload -> RGB image, judged by content (not the file name or content type)."""
-    from .data import _to_rgb
+    """Bytes of an upload -> RGB image, judged by content (not the file name or content type);
+    decoded by :func:`lookalike.data.load_image`, its reasons mapped to HTTP statuses."""
+    from .data import BadImage, TooManyPixels, load_image
 
     if not data:
         raise HTTPError(400, "empty upload: send an image file in the form field 'file'")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > max_pixels:
-                    raise HTTPError(413, f"image has {im.width}x{im.height} pixels, more than the {max_pixels} allowed")
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
-    except HTTPError:
-        raise
-    except UnidentifiedImageError:
-        raise HTTPError(415, "not an image: send a JPEG, PNG, WebP, BMP, GIF or TIFF file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise HTTPError(413, "image has too many pixels") from None
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError):
-        raise HTTPError(415, "the image is truncated or corrupt") from None
+        return load_image(io.BytesIO(data), max_pixels=max_pixels)
+    except TooManyPixels as e:
+        raise HTTPError(413, str(e)) from None
+    except BadImage as e:
+        raise HTTPError(415, f"{e}; send a JPEG, PNG, WebP, BMP, GIF or TIFF file") from None
 
 
 def check_name(name: str) -> str:
