@@ -64,7 +64,7 @@ def test_extract_index_search_and_mismatch(dataset, tmp_path):
     g = tmp_path / "g.h5"
     lookalike_cli("extract", dataset / "gallery", "-o", g, "--image-size", "64", check=True)
     p = lookalike_cli("index", g, "-o", tmp_path / "idx", check=True)
-    assert "12 vectors of dimension 1280" in p.stdout
+    assert "12 vectors of dimension 1792" in p.stdout  # the default: lite0 (1,280) + sscd (512)
     lookalike_cli("search", tmp_path / "idx", "--queries", dataset / "queries", "-k", "5", "-o", tmp_path / "a.csv", check=True)
     qf = tmp_path / "q.h5"
     lookalike_cli("extract", dataset / "queries", "-o", qf, "--image-size", "64", check=True)

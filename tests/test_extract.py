@@ -16,7 +16,7 @@ from lookalike.store import read_store
 @pytest.mark.parametrize("pooling", ["gem", "spoc", "mac", "gap"])
 def test_onnx_matches_torch(tmp_path, pooling):
     images = [make_photo(i, size) for i, size in enumerate([(96, 80), (200, 100), (64, 128), (150, 150)])]
-    cfg = ExtractConfig(pooling=pooling, image_size=96)
+    cfg = ExtractConfig(model="lite0", pooling=pooling, image_size=96)
     a = Extractor(cfg, engine="onnx").embed_images(images)
     b = Extractor(cfg, engine="torch").embed_images(images)
     assert a.shape == b.shape == (4, 1280)
@@ -43,7 +43,7 @@ def test_extract_store_skips_and_reuses(tmp_path):
     make_set(tmp_path / "imgs", n_classes=3, per_class=2)
     (tmp_path / "imgs" / "bad.jpg").write_text("not a photo")
     out = tmp_path / "f.h5"
-    ex = Extractor(image_size=64)
+    ex = Extractor(model="lite0", image_size=64)
     r = ex.extract(tmp_path / "imgs", out, progress=False)
     assert r.n_extracted == 6 and len(r.skipped) == 1 and r.skipped[0][0] == "bad.jpg"
     st = read_store(out)
@@ -64,7 +64,7 @@ def test_extract_store_skips_and_reuses(tmp_path):
     with pytest.raises(LookalikeError, match="other settings"):
         Extractor(image_size=64, pooling="mac").extract(tmp_path / "imgs", out, progress=False)
     # float16 storage
-    Extractor(image_size=64, dtype="float16").extract(tmp_path / "imgs", tmp_path / "h.h5", progress=False)
+    Extractor(model="lite0", image_size=64, dtype="float16").extract(tmp_path / "imgs", tmp_path / "h.h5", progress=False)
     import h5py
 
     with h5py.File(tmp_path / "h.h5") as f:
@@ -106,11 +106,11 @@ def test_kill9_then_resume(tmp_path):
 def test_openvino_engine_matches_onnxruntime():
     pytest.importorskip("openvino")
     images = [make_photo(i, (160, 120)) for i in range(6)]
-    ref = Extractor(image_size=96, engine="onnx").embed_images(images)
-    f32 = Extractor(image_size=96, engine="openvino").embed_images(images)
+    ref = Extractor(model="lite0", image_size=96, engine="onnx").embed_images(images)
+    f32 = Extractor(model="lite0", image_size=96, engine="openvino").embed_images(images)
     assert (ref * f32).sum(1).min() > 0.9999
-    bf16 = Extractor(image_size=96, precision="bf16")
-    assert bf16.config.engine == "openvino" and bf16.config.fingerprint() != Extractor(image_size=96).config.fingerprint()
+    bf16 = Extractor(model="lite0", image_size=96, precision="bf16")
+    assert bf16.config.engine == "openvino" and bf16.config.fingerprint() != Extractor(model="lite0", image_size=96).config.fingerprint()
     assert (ref * bf16.embed_images(images)).sum(1).min() > 0.97
 
 

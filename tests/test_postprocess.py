@@ -94,7 +94,7 @@ def test_dba_hand_computed():
 def test_pca_whitening():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 16)) * np.linspace(5, 0.1, 16)
-    w = PCAWhitening(n_components=8).fit(x)
+    w = PCAWhitening(n_components=8, shrinkage=0.0).fit(x)
     z = (x - w.mean_) @ w.components_.T * w.scale_
     assert np.allclose(np.cov(z.T), np.eye(8), atol=1e-3)  # whitened before the L2 norm
     out = w.transform(x)
@@ -109,13 +109,105 @@ def test_pca_whitening():
 
 def test_pca_save_load(tmp_path):
     x = np.random.default_rng(1).normal(size=(100, 8))
-    w = PCAWhitening(4, shrinkage=0.2).fit(x)
-    w.save(tmp_path / "pca.npz")
-    w2 = PCAWhitening.load(tmp_path / "pca.npz")
-    assert np.array_equal(w.transform(x), w2.transform(x)) and w2.shrinkage == 0.2
+    for w in (PCAWhitening(4, shrinkage=0.2).fit(x), PCAWhitening().fit(x)):
+        w.save(tmp_path / "pca.npz")
+        w2 = PCAWhitening.load(tmp_path / "pca.npz")
+        assert np.array_equal(w.transform(x), w2.transform(x))
+        assert (w2.n_components, w2.power, w2.shrinkage) == (w.n_components, w.power, w.shrinkage)
+        assert (w2.n_components_, w2.shrinkage_) == (w.n_components_, w.shrinkage_)
+    assert w2.n_components is None and w2.shrinkage is None and 0 < w2.shrinkage_ < 1
     (tmp_path / "junk.npz").write_bytes(b"nope")
     with pytest.raises(LookalikeError, match="not a saved"):
         PCAWhitening.load(tmp_path / "junk.npz")
+
+
+def test_pca_loads_files_saved_before_auto_choice(tmp_path):
+    """The format written before dims/shrinkage could be chosen from the data (no ``auto`` key)."""
+    x = np.random.default_rng(2).normal(size=(60, 6))
+    w = PCAWhitening(3, 0.5, 0.1).fit(x)
+    np.savez(tmp_path / "old.npz", kind="pca_whitening", n_components=3, power=0.5, shrinkage=0.1,
+             mean_=w.mean_, components_=w.components_, explained_variance_=w.explained_variance_, scale_=w.scale_)
+    old = PCAWhitening.load(tmp_path / "old.npz")
+    assert (old.n_components, old.shrinkage, old.n_components_, old.shrinkage_) == (3, 0.1, 3, 0.1)
+    assert np.array_equal(old.transform(x), w.transform(x))
+
+
+def whitening_trap(seed=0, n_q=300, n_g=150, d=120, informative=6, n_classes=30):
+    """Few informative directions plus many weak noise dims, about as many gallery photos as dims:
+    all-dims whitening scales the noise dims up to the informative ones and ruins retrieval."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, informative)) * 2.0
+    rot = np.linalg.qr(rng.normal(size=(d, d)))[0]
+
+    def sample(n):
+        lab = rng.integers(0, n_classes, n)
+        x = np.concatenate([centres[lab] + 0.6 * rng.normal(size=(n, informative)),
+                            0.05 * rng.normal(size=(n, d - informative))], axis=1)
+        return l2n(x @ rot.T), lab
+
+    (q, lq), (g, lg) = sample(n_q), sample(n_g)
+    return q, g, lq, lg
+
+
+def retrieval_score(q, g, lq, lg):
+    ids = np.argsort(-(q @ g.T), axis=1, kind="stable")[:, :10]
+    n_rel = np.array([(lg == lab).sum() for lab in lq])
+    return retrieval_metrics(lg[ids] == lq[:, None], n_rel)[0]["digix_score"]
+
+
+def test_pca_defaults_safe_where_all_dims_whitening_fails():
+    q, g, lq, lg = whitening_trap()
+    n, d = g.shape
+    none = retrieval_score(q, g, lq, lg)
+    alldims = PCAWhitening(n_components=min(n - 1, d), shrinkage=0.0).fit(g)
+    old = retrieval_score(alldims.transform(q), alldims.transform(g), lq, lg)
+    w = PCAWhitening().fit(g)
+    new = retrieval_score(w.transform(q), w.transform(g), lq, lg)
+    assert old < none - 0.2, (old, none)  # the trap works: all-dims whitening fails here
+    assert new >= none - 0.005 and new > old + 0.2, (new, none, old)
+    assert 1 <= w.n_components_ < min(n - 1, d) and 0 < w.shrinkage_ < 1
+    # passing the chosen values back explicitly gives the same transform
+    again = PCAWhitening(n_components=w.n_components_, shrinkage=w.shrinkage_).fit(g)
+    assert np.allclose(again.transform(q), w.transform(q), atol=1e-6)
+
+
+def test_pca_defaults_still_whiten_dominant_nuisances():
+    """A few shared high-variance directions unrelated to the classes (exposure, background...):
+    the defaults must still damp them."""
+    rng = np.random.default_rng(3)
+    d, n_classes = 64, 40
+    centres = rng.normal(size=(n_classes, d))
+    nuisance = np.linalg.qr(rng.normal(size=(d, 4)))[0].T  # 4 orthonormal directions
+
+    def sample(n):
+        lab = rng.integers(0, n_classes, n)
+        x = centres[lab] + 0.5 * rng.normal(size=(n, d)) + 4.0 * rng.normal(size=(n, 4)) @ nuisance
+        return l2n(x), lab
+
+    (q, lq), (g, lg) = sample(400), sample(800)
+    none = retrieval_score(q, g, lq, lg)
+    w = PCAWhitening().fit(g)
+    assert retrieval_score(w.transform(q), w.transform(g), lq, lg) > none + 0.03
+
+
+def test_pca_explicit_values_used_as_given():
+    x = np.random.default_rng(4).normal(size=(200, 12)) * np.linspace(4, 0.2, 12)
+    w = PCAWhitening(n_components=5, power=0.5, shrinkage=0.0).fit(x)
+    assert (w.n_components_, w.shrinkage_) == (5, 0.0)
+    z = (x - w.mean_) @ w.components_.T
+    assert np.allclose(w.explained_variance_, z.var(axis=0, ddof=1), rtol=1e-4)  # no shrinkage applied
+    s = PCAWhitening(n_components=12, power=0.25, shrinkage=0.3).fit(x)
+    ev = np.sort(np.linalg.eigvalsh(np.cov(x.T)))[::-1]
+    shrunk = 0.7 * ev + 0.3 * ev.mean()
+    assert (s.n_components_, s.shrinkage_) == (12, 0.3)
+    assert np.allclose(s.explained_variance_, shrunk, rtol=1e-4) and np.allclose(s.scale_, shrunk ** -0.25, rtol=1e-4)
+    auto_s = PCAWhitening(n_components=5).fit(x)  # dims given, shrinkage chosen from the data
+    assert auto_s.n_components_ == 5 and 0 < auto_s.shrinkage_ < 1
+    auto_k = PCAWhitening(shrinkage=0.0).fit(x)  # the other way round
+    assert auto_k.shrinkage_ == 0.0 and 1 <= auto_k.n_components_ <= 12
+    for bad in (-0.1, 1.5):
+        with pytest.raises(LookalikeError, match="shrinkage"):
+            PCAWhitening(shrinkage=bad).fit(x)
 
 
 def dense_diffusion(q, g, graph_k, query_k, gamma, alpha):

@@ -29,8 +29,8 @@ from .store import read_store
 log = logging.getLogger(__name__)
 
 
-def build_index(features, out_dir, factory: str = "Flat", image_root=None, whiten: bool = False,
-                pca_dim: int | None = None, pca_power: float = 0.5, pca_shrinkage: float = 0.0) -> Collection:
+def build_index(features, out_dir, factory: str = "Flat", image_root=None, whiten: bool | None = None,
+                pca_dim: int | None = None, pca_power: float = 0.5, pca_shrinkage: float | None = None) -> Collection:
     """``lookalike index``: faiss index from a feature store, saved to ``out_dir``; optionally
     PCA-whitened (fitted on these gallery features, saved with the index, applied to queries)."""
     cfg = IndexConfig(factory=factory, whiten=whiten, pca_dim=pca_dim, pca_power=pca_power, pca_shrinkage=pca_shrinkage)
@@ -189,6 +189,8 @@ class RunConfig:
     extract: dict = field(default_factory=dict)
     index: dict = field(default_factory=dict)
     rerank: dict | None = None
+    select: str = "auto"
+    gallery_labels: str | None = None
 
 
 @dataclass
@@ -199,10 +201,14 @@ class RunResult:
     workdir: Path
     skipped_csv: Path
     seconds: float
+    choice: object | None = None  # selection.Choice when settings were chosen from the gallery
+    choice_source: str = ""
 
     def summary(self) -> str:
         q = self.search.extract
         lines = [self.gallery.summary("gallery")]
+        if self.choice is not None:
+            lines.append(f"settings chosen {self.choice_source}: {self.choice.describe()}")
         if q is not None:
             lines.append(q.summary("queries"))
         lines.append(f"results: {len(self.search.query_names)} queries -> {self.search.output} ({self.search.format}), "
@@ -213,28 +219,111 @@ class RunResult:
         return "\n".join(lines)
 
 
+SELECT_MODES = ("auto", "off", "self")
+
+
+def _load_choice(path):
+    from .selection import Choice
+
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+        rr = as_rerank_config(d.get("rerank"))
+        return Choice(tuple(float(w) for w in d["ensemble_weights"]), bool(d["whiten"]), rr,
+                      float(d.get("score", 0.0)), d.get("table", []), d.get("probe", ""))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LookalikeError(f"{path}: not a settings file written by `lookalike tune --self` or "
+                             f"`--gallery-labels` ({type(e).__name__}); write one with tune") from None
+
+
+def _gallery_choice(extractor: Extractor, g: ExtractResult, gallery, select: str, gallery_labels, workdir: Path,
+                    fixed: dict, progress: bool):
+    """(Choice or None, where it came from) for ``run``: the gallery's classes (class folders or
+    ``gallery_labels``) or pseudo-queries (``select='self'``); cached in the workdir."""
+    from .data import list_images
+    from .selection import gallery_classes, select_for_gallery
+
+    if select == "off":
+        return None, ""
+    if select not in SELECT_MODES:
+        return _load_choice(select), f"from {select}"
+    root = Path(gallery)
+    classes = gallery_classes(root if root.is_dir() else None, g.names, gallery_labels)
+    if classes is None and select != "self":
+        return None, ""
+    if len(extractor.config.members()) == 1 and fixed.get("whiten") is not None and fixed.get("rerank") is not None:
+        return None, ""  # nothing left to choose
+    key = hashlib.sha256(json.dumps([g.fingerprint, g.names, sorted((classes or {}).items()), select,
+                                     {k: str(v) for k, v in fixed.items()}], sort_keys=True).encode()).hexdigest()[:12]
+    cache = workdir / f"selection-{key}.json"
+    source = ("from the gallery's classes" if classes is not None else "from pseudo-queries of the gallery")
+    if cache.exists():
+        return _load_choice(cache), source + " (cached)"
+    paths = {e.name: e.path for e in list_images(gallery)}
+    log.info("choosing settings %s", source)
+    choice = select_for_gallery(extractor, g.features, g.names, [paths[n] for n in g.names], classes,
+                                weights=[fixed["weights"]] if fixed.get("weights") else None,
+                                whitening=(fixed["whiten"],) if fixed.get("whiten") is not None else (False, True),
+                                chains=[fixed["rerank"]] if fixed.get("rerank") is not None else None)
+    write_json_atomic(cache, choice.to_dict())
+    return choice, source
+
+
+def _reweighted_store(extractor: Extractor, g: ExtractResult, weights, path: Path) -> tuple[Extractor, Path]:
+    """The gallery store for other member weights, computed from the stored rows (no extraction)."""
+    from .selection import combine, split_members
+    from .store import write_store
+
+    cfg = ExtractConfig.from_dict({**extractor.config.to_dict(), "ensemble_weights": list(weights)})
+    ex = Extractor(cfg)
+    ex._dims = extractor.member_dims()
+    path = path.with_name(f"{path.name.rsplit('-', 1)[0]}-{cfg.fingerprint()}.h5")
+    if not path.exists() or read_store(path).names != g.names:
+        feats = combine(split_members(g.features, ex._dims), weights)
+        write_store(path, g.names, feats, ex.store_attrs(), g.skipped, dtype=cfg.dtype)
+    return ex, path
+
+
 def run(gallery, queries, output, format: str | None = None, k: int | None = None, workdir=None,
         factory: str = "Flat", progress: bool = False, rerank=None, index_config: IndexConfig | None = None,
-        spatial=None, **extract_overrides) -> RunResult:
+        spatial=None, select: str = "auto", gallery_labels=None, **extract_overrides) -> RunResult:
     """``lookalike run``: extract gallery and queries, index the gallery, search, write results.
 
     Features are cached in ``workdir`` (default: ``<output folder>/lookalike-work``) under the
-    fingerprint of the settings, so a rerun only extracts new images.
+    fingerprint of the settings, so a rerun only extracts new images. When the gallery carries
+    classes (class folders or ``gallery_labels``), the ensemble weights, whitening and re-ranking not
+    given explicitly are chosen on the gallery itself (``select``: ``auto``; ``self`` also without
+    classes, from pseudo-queries; ``off``; or a JSON file written by ``tune``).
     """
     t0 = time.perf_counter()
     output = Path(output)
     fmt = format_for_path(output, format)
+    explicit_weights = tuple(extract_overrides.get("ensemble_weights") or ())
     cfg = ExtractConfig.from_dict({**ExtractConfig().to_dict(), **extract_overrides})
     workdir = Path(workdir) if workdir else output.parent / "lookalike-work"
     workdir.mkdir(parents=True, exist_ok=True)
     icfg = index_config or IndexConfig(factory=factory)
     rr = as_rerank_config(rerank)
-    config = RunConfig(str(gallery), str(queries), str(output), fmt, k, str(workdir), icfg.factory, cfg.to_dict(),
-                       asdict(icfg), rr.to_dict() if rr else None)
     fp = cfg.fingerprint()
     extractor = Extractor(cfg)
     g_store = workdir / f"gallery-{_path_key(gallery)}-{fp}.h5"
     g = extractor.extract(gallery, g_store, progress=progress, label="gallery")
+    fixed = {"weights": explicit_weights or None, "whiten": icfg.whiten,
+             "rerank": (rr or RerankConfig()) if rerank is not None else None}
+    choice, source = _gallery_choice(extractor, g, gallery, select, gallery_labels, workdir, fixed, progress)
+    if choice is not None:
+        from dataclasses import replace
+
+        if cfg.is_ensemble and tuple(choice.weights) != tuple(cfg.member_weights):
+            extractor, g_store = _reweighted_store(extractor, g, choice.weights, g_store)
+            cfg = extractor.config
+            fp = cfg.fingerprint()
+        if icfg.whiten is None:
+            icfg = replace(icfg, whiten=choice.whiten)
+        if rerank is None:
+            rr = choice.rerank
+    config = RunConfig(str(gallery), str(queries), str(output), fmt, k, str(workdir), icfg.factory, cfg.to_dict(),
+                       asdict(icfg), rr.to_dict() if rr else None, str(select),
+                       str(gallery_labels) if gallery_labels else None)
     index_key = hashlib.sha256(json.dumps(asdict(icfg), sort_keys=True).encode()).hexdigest()[:6]
     index_dir = workdir / f"index-{_path_key(gallery)}-{fp}-{index_key}"
     col = None
@@ -255,8 +344,12 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     sres = SearchResult(q.names, scores, idx, col.names, output, fmt, q)
     skipped_csv = output.with_name("skipped.csv")
     write_skipped_csv(skipped_csv, {"gallery": g.skipped, "queries": q.skipped})
-    write_json_atomic(output.with_name(output.name + ".config.json"), {"command": "run", **asdict(config), "spatial": spatial or None})
-    return RunResult(sres, g, index_dir, workdir, skipped_csv, time.perf_counter() - t0)
+    write_json_atomic(output.with_name(output.name + ".config.json"),
+                      {"command": "run", **asdict(config), "spatial": spatial or None,
+                       "choice": {k2: v for k2, v in choice.to_dict().items() if k2 != "table"} if choice else None})
+    if choice is not None:
+        write_json_atomic(output.with_name(output.name + ".selection.json"), {"source": source, **choice.to_dict()})
+    return RunResult(sres, g, index_dir, workdir, skipped_csv, time.perf_counter() - t0, choice, source)
 
 
 @dataclass
@@ -366,3 +459,35 @@ def tune(index_dir, labels, queries=None, query_features=None, output=None, k: i
                                    "all": [{"rerank": c.to_dict(), "digix_score": m["digix_score"], "top1": m["top1"],
                                             "mAP@10": m["mAP@10"]} for c, m in results]})
     return results
+
+
+def tune_gallery(index_dir, output=None, self_: bool = False, gallery_labels=None, progress: bool = False):
+    """``lookalike tune INDEX --self`` / ``--gallery-labels``: choose ensemble weights, whitening and
+    re-ranking from the indexed gallery (its classes, or pseudo-queries of its photos); writes the
+    choice and its table as JSON for ``run --select FILE`` (and ``search --rerank FILE``)."""
+    from .data import list_images
+    from .selection import gallery_classes, select_for_gallery
+
+    col = load_collection(index_dir)
+    m = col.manifest
+    store_path, root = m.get("features"), m.get("image_root")
+    if not store_path or not Path(store_path).is_file():
+        raise LookalikeError(f"{index_dir}: its feature store {store_path!r} is gone; rebuild the index with `lookalike index`")
+    if not root or not Path(root).exists():
+        raise LookalikeError(f"{index_dir}: choosing from the gallery needs its images; build the index with "
+                             "`lookalike index --image-root GALLERY` (or with `run`)")
+    store = read_store(store_path)
+    extractor = Extractor(ExtractConfig.from_dict(m.get("extract_config") or {}))
+    classes = None if self_ else gallery_classes(root if Path(root).is_dir() else None, store.names, gallery_labels)
+    if classes is None and not self_:
+        raise LookalikeError(f"{index_dir}: its gallery has no class folders; give --gallery-labels, or --self")
+    paths = {e.name: e.path for e in list_images(root)}
+    missing = [n for n in store.names if n not in paths]
+    if missing:
+        raise LookalikeError(f"{root}: {len(missing)} gallery images are missing (e.g. {missing[0]!r}); "
+                             "point the index at the gallery folder it was built from")
+    choice = select_for_gallery(extractor, store.features, store.names, [paths[n] for n in store.names], classes)
+    source = "from the gallery's classes" if classes is not None else "from pseudo-queries of the gallery"
+    if output:
+        write_json_atomic(output, {"source": source, "index": str(index_dir), **choice.to_dict()})
+    return choice, source

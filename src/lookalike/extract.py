@@ -37,7 +37,7 @@ ENGINES = ("auto", "onnx", "torch", "openvino")
 MULTISCALES = (1.0, 1 / math.sqrt(2), math.sqrt(2))
 
 
-DEFAULT_MODEL = "lite0"
+DEFAULT_MODEL = ("lite0", "sscd")  # equal weights; BENCHMARKS.md "Backbones and ensembles"
 NATIVE_INPUT = (224, "bucket")  # torch backbones and trained runs: size, resize
 
 
@@ -682,7 +682,7 @@ class Extractor:
         c = self.config
         members = self._members or [self]
         pre = [m.config.preprocess.to_dict() for m in members]
-        info = [dict(model=m.config.model, dim=d, weight=w, preprocess=p)
+        info = [dict(model=m.config.model, kind=m.config.kind, dim=d, weight=w, preprocess=p)
                 for m, d, w, p in zip(members, self.member_dims(), c.member_weights, pre)]
         return dict(fingerprint=c.fingerprint(), model_id=c.model_id(), model=c.model_name, pooling=c.pooling,
                     preprocess=json.dumps(pre[0] if len(pre) == 1 else pre), config=json.dumps(c.portable_dict()),

@@ -23,7 +23,7 @@ from collections import Counter
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +38,29 @@ from .store import FeatureStore, read_store
 class IndexConfig:
     factory: str = "Flat"
     train_size: int = 200_000  # rows used to train IVF/PQ factories
-    whiten: bool = False  # fit PCA-whitening on the gallery; queries get the same transform
+    whiten: bool | None = None  # PCA-whitening fitted on the gallery, queries get the same; None: auto_whiten()
     pca_dim: int | None = None  # output dimension of the PCA (None: keep all)
     pca_power: float = 0.5  # 0.5 = full whitening, 0 = rotation only
-    pca_shrinkage: float = 0.0
+    pca_shrinkage: float | None = None  # None: chosen from the data (PCAWhitening)
     shard_size: int = 0  # > 0: IVF only; add the store in shards of this many rows, merged on disk
     nprobe: int | None = None  # default search parameters, saved with the index
     ef_search: int | None = None
+
+
+AUTO_WHITEN_MIN = 300  # photos; benchmarks/whitening.py measured galleries of 300 to 5,603
+
+
+def auto_whiten(attrs: dict, n: int) -> bool:
+    """The default for ``whiten=None``: on for galleries of at least ``AUTO_WHITEN_MIN`` photos whose
+    features come from untrained models (ImageNet or copy-detection backbones, where whitening with
+    data-chosen settings gained on both dev protocols and never lost: BENCHMARKS.md); off for trained
+    runs (not measured), decoded codes, stores without member records, and small galleries."""
+    try:
+        members = json.loads(attrs.get("members", "") or "[]")
+    except ValueError:
+        members = []
+    zero_shot = bool(members) and all(m.get("kind") in ("backbone", "embedding") for m in members)
+    return zero_shot and n >= AUTO_WHITEN_MIN
 
 
 def _faiss():
@@ -179,6 +195,8 @@ def build_index(store: FeatureStore | str | os.PathLike, out_dir=None, config: I
         raise LookalikeError(f"{source}: the feature store is empty; extract some images first")
     input_dim = int(x.shape[1])
     transform = None
+    if config.whiten is None:
+        config = replace(config, whiten=auto_whiten(store.attrs, len(x)))
     if config.whiten:
         from .postprocess import PCAWhitening
 
@@ -257,6 +275,8 @@ def _build_sharded(store_path: Path, out_dir: Path, config: IndexConfig, image_r
         rows = np.sort(rng.choice(n, min(n, config.train_size), replace=False))
         sample = np.ascontiguousarray(ds[rows], dtype=np.float32)
         transform = None
+        if config.whiten is None:
+            config = replace(config, whiten=auto_whiten(attrs, n))
         if config.whiten:
             from .postprocess import PCAWhitening
 

@@ -38,35 +38,85 @@ def knn(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 # ------------------------------------------------------------------ learned: PCA-whitening
 
 
+def _auto_ridge(evals: np.ndarray) -> float:
+    """2·tr(C²)/tr(C), from the eigenvalues of the covariance C. tr(C²)/tr(C) = E[xᵀCx] / E[xᵀx] is
+    the variance of the data along the direction of a typical (centred) data vector; the factor 2
+    is a safety margin measured on the dev protocols (1 already avoided the collapse, but left
+    category-level search 0.005 below no whitening with SSCD features; benchmarks/whitening.py)."""
+    total = float(evals.sum())
+    return 2.0 * float((evals ** 2).sum()) / total if total > 0 else 0.0
+
+
+def _auto_dims(evals: np.ndarray, n: int, d: int, kept: float = 0.99) -> int:
+    """The leading components that hold ``kept`` of the variance, at most n - 1 (the rank of n
+    centred rows)."""
+    m = max(1, min(n - 1, d))
+    total = float(evals[:m].sum())
+    if total <= 0:
+        return m
+    return int(min(m, np.searchsorted(np.cumsum(evals[:m]) / total, kept) + 1))
+
+
 @dataclass
 class PCAWhitening:
     """PCA with optional whitening, fitted on gallery or training features.
 
     ``power``: eigenvalues are raised to ``-power`` (0.5 = full whitening, 0 = plain PCA rotation);
-    ``shrinkage`` in [0, 1] pulls eigenvalues towards their mean before whitening (regularises the
-    noisy small ones). Rows are L2-normalised after the projection.
+    ``shrinkage`` s in [0, 1] pulls the kept eigenvalues λ towards their mean m, λ' = (1-s)·λ + s·m,
+    before whitening (regularises the noisy small ones). Rows are L2-normalised after the projection.
+
+    Left at ``None``, both are chosen from the data in :meth:`fit`, recorded as ``n_components_`` and
+    ``shrinkage_`` (passing those back explicitly gives the same transform):
+
+    - shrinkage: a ridge r = 2·tr(C²)/tr(C) is added to every eigenvalue (stored as the s above
+      that gives the same scales up to a constant factor: s = r / (r + m)). tr(C²)/tr(C) is the
+      variance along the direction of a typical gallery vector, so only the few dominant directions
+      (shared by most images) are flattened, and no direction gains more than √((λ₁ + r) / r)
+      over the largest one: the many small, noisy directions keep their natural scale instead of
+      being blown up, which is what made all-dims whitening lose half the score on instance-level
+      search.
+    - dims: the leading components holding 99 % of the variance, at most n - 1 (and d).
+
+    Explicit values are used as given (``n_components`` in 1..min(n, d), ``shrinkage`` in [0, 1]).
+    Hand-written rather than ``sklearn.decomposition.PCA`` + ``sklearn.covariance``: scikit-learn
+    is not a dependency, and neither offers the shrunk, powered whitening or this choice of ridge
+    (the Ledoit-Wolf coefficient, which minimises the error of the covariance itself, is 0.004-0.02
+    on the 1,500-5,600-photo dev galleries: far too small, all-dims whitening with it still loses
+    0.15-0.20 on grocery; benchmarks/whitening.py).
     """
 
     n_components: int | None = None
     power: float = 0.5
-    shrinkage: float = 0.0
+    shrinkage: float | None = None
 
     def fit(self, x: np.ndarray) -> "PCAWhitening":
         x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise LookalikeError(f"PCA: needs at least 2 feature rows, got shape {x.shape}")
         n, d = x.shape
-        k = self.n_components or min(n - 1, d)
-        if not 1 <= k <= min(n, d):
-            raise LookalikeError(f"PCA: n_components={k} is not in 1..{min(n, d)} (features: {n} × {d})")
+        if self.shrinkage is not None and not 0.0 <= self.shrinkage <= 1.0:
+            raise LookalikeError(f"PCA: shrinkage={self.shrinkage} is not in [0, 1]")
         self.mean_ = x.mean(axis=0)
         xc = x - self.mean_
         cov = xc.T @ xc / max(n - 1, 1)
         evals, evecs = np.linalg.eigh(cov)
-        order = np.argsort(evals)[::-1][:k]
-        evals = np.maximum(evals[order], 1e-12)
-        evals = (1 - self.shrinkage) * evals + self.shrinkage * evals.mean()
-        self.components_ = evecs[:, order].T.astype(np.float32)  # (k, d)
-        self.explained_variance_ = evals.astype(np.float32)
-        self.scale_ = (evals ** -self.power).astype(np.float32)
+        order = np.argsort(evals)[::-1]
+        evals, evecs = np.maximum(evals[order], 0.0), evecs[:, order]
+        k = _auto_dims(evals, n, d) if self.n_components is None else int(self.n_components)
+        if not 1 <= k <= min(n, d):
+            raise LookalikeError(f"PCA: n_components={k} is not in 1..{min(n, d)} (features: {n} × {d})")
+        kept = np.maximum(evals[:k], 1e-12)
+        if self.shrinkage is None:
+            ridge = _auto_ridge(evals)
+            s = ridge / (ridge + float(kept.mean())) if ridge > 0 else 0.0
+        else:
+            s = float(self.shrinkage)
+        kept = (1 - s) * kept + s * kept.mean()
+        self.n_components_ = k
+        self.shrinkage_ = s
+        self.components_ = evecs[:, :k].T.astype(np.float32)  # (k, d)
+        self.explained_variance_ = kept.astype(np.float32)
+        self.scale_ = (kept ** -self.power).astype(np.float32)
         return self
 
     def transform(self, x: np.ndarray) -> np.ndarray:
@@ -81,11 +131,14 @@ class PCAWhitening:
         return self.fit(x).transform(x)
 
     def save(self, path) -> None:
+        """``n_components`` / ``shrinkage`` hold the values used (as files written before they could be
+        chosen from the data); ``auto`` names those that were chosen, so ``load`` restores ``None``."""
         from ._io import atomic_path
 
+        auto = ",".join(k for k in ("n_components", "shrinkage") if getattr(self, k) is None)
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, kind="pca_whitening", n_components=self.components_.shape[0], power=self.power,
-                     shrinkage=self.shrinkage, mean_=self.mean_, components_=self.components_,
+                     shrinkage=self.shrinkage_, auto=auto, mean_=self.mean_, components_=self.components_,
                      explained_variance_=self.explained_variance_, scale_=self.scale_)
 
     @classmethod
@@ -94,9 +147,12 @@ class PCAWhitening:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["kind"]) != "pca_whitening":
                     raise KeyError
-                obj = cls(int(z["n_components"]), float(z["power"]), float(z["shrinkage"]))
-                for k in ("mean_", "components_", "explained_variance_", "scale_"):
-                    setattr(obj, k, z[k])
+                k, s = int(z["n_components"]), float(z["shrinkage"])
+                auto = str(z["auto"]).split(",") if "auto" in z.files else []  # older files: all explicit
+                obj = cls(None if "n_components" in auto else k, float(z["power"]), None if "shrinkage" in auto else s)
+                obj.n_components_, obj.shrinkage_ = k, s
+                for key in ("mean_", "components_", "explained_variance_", "scale_"):
+                    setattr(obj, key, z[key])
         except (OSError, KeyError, ValueError):
             raise LookalikeError(f"{path}: not a saved PCAWhitening; fit and save one first") from None
         return obj
