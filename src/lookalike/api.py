@@ -252,7 +252,9 @@ def _gallery_choice(extractor: Extractor, g: ExtractResult, gallery, select: str
         return None, ""
     if len(extractor.config.members()) == 1 and fixed.get("whiten") is not None and fixed.get("rerank") is not None:
         return None, ""  # nothing left to choose
-    key = hashlib.sha256(json.dumps([g.fingerprint, g.names, sorted((classes or {}).items()), select,
+    from .selection import VERSION
+
+    key = hashlib.sha256(json.dumps([VERSION, g.fingerprint, g.names, sorted((classes or {}).items()), select,
                                      {k: str(v) for k, v in fixed.items()}], sort_keys=True).encode()).hexdigest()[:12]
     cache = workdir / f"selection-{key}.json"
     source = ("from the gallery's classes" if classes is not None else "from pseudo-queries of the gallery")

@@ -35,6 +35,7 @@ from .postprocess import PCAWhitening, RerankConfig, knn, l2n, rerank
 log = logging.getLogger(__name__)
 
 WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+VERSION = 2  # bump when a choice could change for the same gallery (cached choices are keyed by it)
 
 
 # ---------------------------------------------------------------- member weights on stored rows
