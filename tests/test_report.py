@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import lookalike_cli, make_photo, make_set
+from lookalike.errors import LookalikeError
 from lookalike.formats import write_labels
 from lookalike.inspection import near_pairs
 from lookalike.report import query_strip
@@ -105,3 +106,13 @@ def test_inspect_cli(tmp_path):
     assert {"size": "96x80", "images": 9} in r["sizes"]["most_common"]
     assert (tmp_path / "rep" / "sizes.png").exists() and (tmp_path / "rep" / "per_class.png").exists()
     assert "Near duplicates" in (tmp_path / "rep" / "index.html").read_text()
+
+
+def test_cam_model_of_an_ensemble_is_its_first_torch_member():
+    from lookalike.extract import ExtractConfig
+    from lookalike.report import cam_model
+
+    net, pre = cam_model(ExtractConfig(model=("sscd", "lite0"), image_size=(288, 160)))
+    assert pre.size == 160 and net.pooling == "spoc"
+    with pytest.raises(LookalikeError, match="need a torch model"):
+        cam_model(ExtractConfig(model="sscd"))

@@ -140,3 +140,18 @@ def test_run_chooses_from_class_folders_and_caches_the_choice(tmp_path, monkeypa
     p = lookalike_cli("run", "--gallery", tmp_path / "g", "--queries", tmp_path / "q", "-o", tmp_path / "o6.csv",
                       "--select", tmp_path / "nothing.json", "--model", "lite0", "-k", "5")
     assert p.returncode == 2 and "nothing.json" in p.stderr
+
+
+def test_copies_of_a_source_count_as_right_for_its_pseudo_query():
+    from lookalike.selection import copies_of
+
+    rng = np.random.default_rng(3)
+    g = l2n(rng.normal(size=(30, 8)))
+    g[7] = l2n(g[3:4] + 0.01 * rng.normal(size=(1, 8)))[0]  # a near-exact copy of photo 3
+    copies = copies_of(g, np.array([3, 5]))
+    assert copies[0].tolist() == [3, 7] and copies[1].tolist() == [5]
+    # a pseudo-query of 3 that finds the copy 7 first is right at rank 1, not wrong
+    probe = Probe(np.zeros(0, np.int64), None, [l2n(g[7:8] + 0.001)], np.array([3]), 0.0, 1.0, copies[:1])
+    from lookalike.selection import evaluate
+
+    assert evaluate(g, probe, l2n(g[7:8] + 0.001), False, None)["self"] == 1.0

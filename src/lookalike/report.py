@@ -121,8 +121,14 @@ def cam_model(extract_config):
     from .extract import ExtractConfig, Extractor
 
     cfg = extract_config if isinstance(extract_config, ExtractConfig) else ExtractConfig.from_dict(extract_config or {})
-    if isinstance(cfg.model, tuple):
-        raise LookalikeError("Grad-CAM maps need a single model, not an ensemble; drop --cam")
+    if cfg.is_ensemble:  # the maps of the first torch member (an ONNX embedding model has no gradients here)
+        torch_members = [m for m in cfg.members() if m.kind in ("backbone", "trained")]
+        if not torch_members:
+            raise LookalikeError(f"Grad-CAM maps need a torch model; {cfg.model_name} has none; drop --cam")
+        cfg = torch_members[0]
+    elif cfg.kind == "embedding":
+        raise LookalikeError(f"Grad-CAM maps need a torch model, not the ONNX model {cfg.model}; drop --cam "
+                             "or pass --model lite0")
     return Extractor(cfg).build_embedder().eval(), cfg.preprocess
 
 
