@@ -81,13 +81,44 @@ def _print(name, r, base_rate):
           f"{r['images_per_s']:7.1f} {r['images_per_s'] / base_rate:8.2f}", flush=True)
 
 
+SPEED = {"lite0 spoc 224": dict(model="lite0"), "sscd-mobile 288 bucket": dict(model="sscd-mobile"),
+         "sscd 288 bucket": dict(model="sscd"), "default: lite0 ⊕ sscd": {},
+         "lite0 ⊕ sscd-mobile": dict(model=("lite0", "sscd-mobile"))}
+
+
+def speed(args):
+    import tempfile
+
+    from protocols import all_images
+
+    listing = Path(tempfile.mkdtemp()) / "some.txt"
+    listing.write_text("".join(f"{x}\n" for x in all_images()[: args.speed]))
+    print(f"{'configuration':32s} {'img/s':>7s} {'× lite0':>8s}   ({args.speed} photos, end to end, same run)")
+    base = None
+    for name, over in SPEED.items():
+        if args.only and name not in args.only and name != "lite0 spoc 224":
+            continue
+        ex = Extractor(**over)
+        ex.embed_images([__import__("PIL.Image").Image.new("RGB", (64, 64))])  # build / export the models first
+        t0 = time.perf_counter()
+        res = ex.extract(listing, progress=False)
+        rate = len(res.names) / (time.perf_counter() - t0)
+        base = base or rate
+        print(f"{name:32s} {rate:7.1f} {rate / base:8.2f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="bench-out/backbones")
     ap.add_argument("--only", nargs="*", help="configuration names (default: all)")
     ap.add_argument("--no-ensembles", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--speed", type=int, default=0,
+                    help="only time end-to-end extraction of the first N photos for each configuration, one after "
+                         "another in this run (no cache), as ratios to Lite0")
     args = ap.parse_args()
+    if args.speed:
+        return speed(args)
     work = Path(args.workdir)
     listing = write_listing(work / "all_images.txt")
     print(f"{'configuration':48s} {'books':>7s} {'+wh':>6s} {'grocery':>7s} {'+wh':>6s} {'img/s':>7s} {'× lite0':>8s}")
