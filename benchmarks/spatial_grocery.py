@@ -2,7 +2,9 @@
 
 Test queries of packaged classes against the whole protocol gallery (train + val + iconic); base
 ranking = the default zero-shot features; then the top-N re-ordered by RANSAC-verified local
-feature matches. Prints top-1 / mAP@10 / score before and after and the time per query.
+feature matches (fused with the global similarity, see ``lookalike.spatial``). Prints top-1 /
+mAP@10 / score before and after and the time per query. ``benchmarks/spatial.py`` measures both dev
+protocols, several feature sets, and the previous implementation for comparison.
 
     python benchmarks/spatial_grocery.py --data ../shared/datasets/grocery_store --method sift
 """
@@ -29,7 +31,7 @@ def main():
     ap.add_argument("--workdir", default="bench-out/quality")
     ap.add_argument("--method", default="sift")
     ap.add_argument("--top-n", type=int, default=20)
-    ap.add_argument("--min-inliers", type=int, default=12)
+    ap.add_argument("--min-inliers", type=int, default=SpatialConfig.min_inliers)
     ap.add_argument("--max-queries", type=int, default=0, help="0 = all packaged-class test queries")
     ap.add_argument("--model", default="lite0", help="lite0 (zero-shot, SPoC), or a RUN_DIR from lookalike train")
     ap.add_argument("--all-classes", action="store_true", help="every test query, not only the packaged classes")

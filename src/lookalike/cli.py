@@ -108,7 +108,12 @@ def rerank_options(fn):
         click.option("--spatial", default=None, help="Spatial verification of the top-N with local features: sift or orb "
                                                      "(needs pip install 'lookalike[spatial]')."),
         click.option("--spatial-top-n", type=int, default=20, show_default=True),
-        click.option("--spatial-min-inliers", type=int, default=12, show_default=True),
+        click.option("--spatial-min-inliers", type=int, default=10, show_default=True,
+                     help="Inliers of a plausible homography that make a candidate verified."),
+        click.option("--spatial-bonus", type=float, default=0.3, show_default=True,
+                     help="Added to a verified candidate's global similarity (in full at 40 inliers)."),
+        click.option("--spatial-mirror/--no-spatial-mirror", default=True, show_default=True,
+                     help="Also verify the mirrored query."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -117,7 +122,8 @@ def rerank_options(fn):
 
 def _spatial_arg(kw: dict):
     method, top_n, mi = kw.pop("spatial"), kw.pop("spatial_top_n"), kw.pop("spatial_min_inliers")
-    return {"method": method, "top_n": top_n, "min_inliers": mi} if method else None
+    bonus, mirror = kw.pop("spatial_bonus"), kw.pop("spatial_mirror")
+    return {"method": method, "top_n": top_n, "min_inliers": mi, "bonus": bonus, "mirror": mirror} if method else None
 
 
 def _rerank_arg(kw: dict):
