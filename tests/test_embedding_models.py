@@ -110,6 +110,23 @@ def test_onnx_path_errors_are_one_line_with_the_fix(tmp_path, tiny_onnx):
     (tmp_path / "fixed.onnx.json").write_text(json.dumps({"layout": "NCHW", "dtype": "float32", "size": 64,
                                                           "fixed_size": True, "resize": "crop"}))
     assert Extractor(model=f"onnx:{fixed}").embed_images(_photos(2)).shape == (2, 6)
+    with pytest.raises(LookalikeError, match="takes only 64x64 images; drop --image-size"):
+        Extractor(model=f"onnx:{fixed}", image_size=80).embed_images(_photos(1))
+    (tmp_path / "fixed.onnx.json").write_text(json.dumps({"layout": "NCHW", "size": 64, "fixed_size": True, "resize": "crop"}))
+    with pytest.raises(LookalikeError, match="takes tensor\\(float\\), its JSON says dtype uint8"):
+        Extractor(model=f"onnx:{fixed}").embed_images(_photos(1))
+    (tmp_path / "fixed.onnx.json").write_text(json.dumps({"layout": "NCHW", "mean": MEAN, "size": 64}))
+    with pytest.raises(LookalikeError, match="mean/std given with dtype uint8"):
+        Extractor(model=f"onnx:{fixed}").config.model_id()
+    # a relative onnx:PATH is kept absolute (configs saved with an index work from any folder)
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert ExtractConfig(model="onnx:tiny.onnx").model == f"onnx:{tmp_path / 'tiny.onnx'}"
+    finally:
+        os.chdir(cwd)
     p = lookalike_cli("extract", tmp_path, "-o", tmp_path / "f.h5", "--model", f"onnx:{tmp_path / 'nope.onnx'}")
     assert p.returncode == 2 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1
 

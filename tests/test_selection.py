@@ -137,6 +137,15 @@ def test_run_chooses_from_class_folders_and_caches_the_choice(tmp_path, monkeypa
     (tmp_path / "best.json").write_text(json.dumps({"ensemble_weights": [0.5, 1.0], "whiten": False, "rerank": None}))
     res5 = lookalike.run(tmp_path / "g", tmp_path / "q", tmp_path / "out5.csv", select=str(tmp_path / "best.json"), **kw)
     assert res5.choice.weights == (0.5, 1.0)
+    # a file chosen for other models is refused, not applied to the wrong members
+    (tmp_path / "other.json").write_text(json.dumps({"models": ["sel_member:factory", "lite0"], "ensemble_weights": [0, 1],
+                                                     "whiten": False, "rerank": None}))
+    with pytest.raises(LookalikeError, match="chosen for sel_member:factory\+lite0"):
+        lookalike.run(tmp_path / "g", tmp_path / "q", tmp_path / "out7.csv", select=str(tmp_path / "other.json"), **kw)
+    # a member weighted 0 by the user: whitening / re-ranking are still chosen, on the rows as they are
+    res8 = lookalike.run(tmp_path / "g", tmp_path / "q", tmp_path / "out8.csv", ensemble_weights=(1.0, 0.0),
+                         **{**kw, "workdir": tmp_path / "w8"})
+    assert res8.choice.weights == (1.0, 0.0)
     p = lookalike_cli("run", "--gallery", tmp_path / "g", "--queries", tmp_path / "q", "-o", tmp_path / "o6.csv",
                       "--select", tmp_path / "nothing.json", "--model", "lite0", "-k", "5")
     assert p.returncode == 2 and "nothing.json" in p.stderr
@@ -155,3 +164,14 @@ def test_copies_of_a_source_count_as_right_for_its_pseudo_query():
     from lookalike.selection import evaluate
 
     assert evaluate(g, probe, l2n(g[7:8] + 0.001), False, None)["self"] == 1.0
+
+
+def test_a_saturated_probe_keeps_the_configured_weights():
+    rng = np.random.default_rng(1)
+    a = l2n(rng.normal(size=(12, 4)))
+    labels = np.repeat(np.arange(6), 2).astype(str)
+    a[1::2] = a[0::2]  # every class: two identical photos -> every weight scores 1.0
+    held, singles, nm, ns = class_probe(labels, seed=0)
+    probe = Probe(held, labels.astype(object), None, np.zeros(0, np.int64), nm, ns)
+    c = choose([a, a.copy()], probe, whitening=(False,), chains=[None], current=(1.0, 1.0))
+    assert c.weights == (1.0, 1.0) and all(r["score"] == 1.0 for r in c.table)

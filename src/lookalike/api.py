@@ -222,17 +222,20 @@ class RunResult:
 SELECT_MODES = ("auto", "off", "self")
 
 
-def _load_choice(path):
+def _load_choice(path, models: list[str] | None = None):
     from .selection import Choice
 
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
-        rr = as_rerank_config(d.get("rerank"))
-        return Choice(tuple(float(w) for w in d["ensemble_weights"]), bool(d["whiten"]), rr,
-                      float(d.get("score", 0.0)), d.get("table", []), d.get("probe", ""))
+        choice = Choice(tuple(float(w) for w in d["ensemble_weights"]), bool(d["whiten"]), as_rerank_config(d.get("rerank")),
+                        float(d.get("score", 0.0)), d.get("table", []), d.get("probe", ""))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LookalikeError(f"{path}: not a settings file written by `lookalike tune --self` or "
                              f"`--gallery-labels` ({type(e).__name__}); write one with tune") from None
+    if models is not None and (d.get("models", models) != models or len(choice.weights) != len(models)):
+        raise LookalikeError(f"{path}: chosen for {'+'.join(d.get('models') or ['?'])}, this run uses "
+                             f"{'+'.join(models)}; choose again for these models (tune --self / --gallery-labels)")
+    return choice
 
 
 def _gallery_choice(extractor: Extractor, g: ExtractResult, gallery, select: str, gallery_labels, workdir: Path,
@@ -244,8 +247,9 @@ def _gallery_choice(extractor: Extractor, g: ExtractResult, gallery, select: str
 
     if select == "off":
         return None, ""
+    models = [m.model for m in extractor.config.members()]
     if select not in SELECT_MODES:
-        return _load_choice(select), f"from {select}"
+        return _load_choice(select, models), f"from {select}"
     root = Path(gallery)
     classes = gallery_classes(root if root.is_dir() else None, g.names, gallery_labels)
     if classes is None and select != "self":
@@ -259,14 +263,14 @@ def _gallery_choice(extractor: Extractor, g: ExtractResult, gallery, select: str
     cache = workdir / f"selection-{key}.json"
     source = ("from the gallery's classes" if classes is not None else "from pseudo-queries of the gallery")
     if cache.exists():
-        return _load_choice(cache), source + " (cached)"
+        return _load_choice(cache, models), source + " (cached)"
     paths = {e.name: e.path for e in list_images(gallery)}
     log.info("choosing settings %s", source)
     choice = select_for_gallery(extractor, g.features, g.names, [paths[n] for n in g.names], classes,
                                 weights=[fixed["weights"]] if fixed.get("weights") else None,
                                 whitening=(fixed["whiten"],) if fixed.get("whiten") is not None else (False, True),
                                 chains=[fixed["rerank"]] if fixed.get("rerank") is not None else None)
-    write_json_atomic(cache, choice.to_dict())
+    write_json_atomic(cache, {"models": models, **choice.to_dict()})
     return choice, source
 
 
@@ -309,6 +313,7 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     extractor = Extractor(cfg)
     g_store = workdir / f"gallery-{_path_key(gallery)}-{fp}.h5"
     g = extractor.extract(gallery, g_store, progress=progress, label="gallery")
+    _resolve_k(k, fmt, len(g.names))  # before any costly choice
     fixed = {"weights": explicit_weights or None, "whiten": icfg.whiten,
              "rerank": (rr or RerankConfig()) if rerank is not None else None}
     choice, source = _gallery_choice(extractor, g, gallery, select, gallery_labels, workdir, fixed, progress)
@@ -334,7 +339,7 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
         if col.names != g.names:
             col = None
     if col is None:
-        col = _build_index(read_store(g_store), index_dir, icfg, image_root=str(Path(gallery).resolve()))
+        col = _build_index(g_store, index_dir, icfg, image_root=str(Path(gallery).resolve()))
     q_store = workdir / f"queries-{_path_key(queries)}-{fp}.h5"
     q = extractor.extract(queries, q_store, progress=progress, label="queries")
     col.check_queries(q.features, cfg.model_id(), str(queries))
@@ -350,7 +355,8 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
                       {"command": "run", **asdict(config), "spatial": spatial or None,
                        "choice": {k2: v for k2, v in choice.to_dict().items() if k2 != "table"} if choice else None})
     if choice is not None:
-        write_json_atomic(output.with_name(output.name + ".selection.json"), {"source": source, **choice.to_dict()})
+        write_json_atomic(output.with_name(output.name + ".selection.json"),
+                          {"source": source, "models": [m.model for m in cfg.members()], **choice.to_dict()})
     return RunResult(sres, g, index_dir, workdir, skipped_csv, time.perf_counter() - t0, choice, source)
 
 
@@ -478,8 +484,11 @@ def tune_gallery(index_dir, output=None, self_: bool = False, gallery_labels=Non
     if not root or not Path(root).exists():
         raise LookalikeError(f"{index_dir}: choosing from the gallery needs its images; build the index with "
                              "`lookalike index --image-root GALLERY` (or with `run`)")
+    if not m.get("extract_config"):
+        raise LookalikeError(f"{index_dir}: records no extraction settings (built from decoded codes or an old "
+                             "store); choose with `lookalike run --select self` on the images instead")
     store = read_store(store_path)
-    extractor = Extractor(ExtractConfig.from_dict(m.get("extract_config") or {}))
+    extractor = Extractor(ExtractConfig.from_dict(m["extract_config"]))
     classes = None if self_ else gallery_classes(root if Path(root).is_dir() else None, store.names, gallery_labels)
     if classes is None and not self_:
         raise LookalikeError(f"{index_dir}: its gallery has no class folders; give --gallery-labels, or --self")
@@ -491,5 +500,6 @@ def tune_gallery(index_dir, output=None, self_: bool = False, gallery_labels=Non
     choice = select_for_gallery(extractor, store.features, store.names, [paths[n] for n in store.names], classes)
     source = "from the gallery's classes" if classes is not None else "from pseudo-queries of the gallery"
     if output:
-        write_json_atomic(output, {"source": source, "index": str(index_dir), **choice.to_dict()})
+        write_json_atomic(output, {"source": source, "index": str(index_dir),
+                                   "models": [c.model for c in extractor.config.members()], **choice.to_dict()})
     return choice, source

@@ -50,6 +50,8 @@ def _per_member(value, n: int, what: str, cast):
     if isinstance(value, (list, tuple)):
         if len(value) == 1:
             value = value[0]
+            if value is None or value == "":
+                return [None] * n
         elif len(value) != n:
             raise LookalikeError(f"{len(value)} values of {what} for {n} models; give one, or one per --model")
         else:
@@ -96,6 +98,9 @@ class ExtractConfig:
             if not models:
                 raise LookalikeError("no model given")
             self.model = models[0] if len(models) == 1 else models
+        # onnx:PATH is kept absolute: configs saved with an index must work from any folder
+        absolute = lambda m: f"onnx:{Path(m[5:]).expanduser().resolve()}" if m.startswith("onnx:") else m  # noqa: E731
+        self.model = absolute(self.model) if isinstance(self.model, str) else tuple(absolute(m) for m in self.model)
         n = len(self.model) if isinstance(self.model, tuple) else 1
         self.ensemble_weights = tuple(float(w) for w in self.ensemble_weights or ())
         if self.ensemble_weights and len(self.ensemble_weights) != n:
@@ -477,6 +482,10 @@ class Extractor:
                     self._runner = lambda batch, ov=ov, spec=rm.spec: ov(spec.convert(batch))
                 else:  # onnxruntime (CUDA provider when installed); there is no torch module to run
                     self._runner, engine = OnnxEmbedRunner(rm, c.threads), "onnx"
+                    fixed, pre = self._runner.fixed, c.preprocess
+                    if fixed and ((pre.size, pre.size) != tuple(fixed) or pre.mode == "bucket"):
+                        raise LookalikeError(f"{rm.path}: the graph takes only {fixed[0]}x{fixed[1]} images; drop "
+                                             f"--image-size/--resize for it (or give {fixed[0]} with letterbox or crop)")
                 self.engine = engine
                 return self._runner
             if engine == "auto":

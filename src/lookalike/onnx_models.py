@@ -76,6 +76,8 @@ class InputSpec:
                 problems.append(f"{key} {v!r} (give 3 numbers)")
         if any(s == 0 for s in self.std):
             problems.append("std with a zero")
+        if self.dtype == "uint8" and (tuple(self.mean) != (0.0, 0.0, 0.0) or tuple(self.std) != (1.0, 1.0, 1.0)):
+            problems.append('mean/std given with dtype uint8 (raw pixels); add "dtype": "float32"')
         if not isinstance(self.size, int) or not 32 <= self.size <= 2048:
             problems.append(f"size {self.size!r} (use 32..2048)")
         if problems:
@@ -224,6 +226,15 @@ class OnnxEmbedRunner:
         shape = inputs[0].shape
         if len(shape) != 4:
             raise LookalikeError(f"{model.path}: input {self.input_name} has shape {shape}; expected a 4-d image batch")
+        channels = shape[3] if self.spec.layout == "NHWC" else shape[1]
+        if isinstance(channels, int) and channels != 3:
+            raise LookalikeError(f"{model.path}: input {self.input_name} has shape {shape}: not {self.spec.layout} with "
+                                 "3 colour channels; fix \"layout\" in its JSON")
+        want = "tensor(uint8)" if self.spec.dtype == "uint8" else "tensor(float)"
+        if inputs[0].type != want:
+            raise LookalikeError(f"{model.path}: the graph takes {inputs[0].type}, its JSON says dtype {self.spec.dtype}; "
+                                 "make them agree")
+        self.one_at_a_time = isinstance(shape[0], int)  # exported with a fixed batch of 1
         hw = shape[1:3] if self.spec.layout == "NHWC" else shape[2:4]
         self.fixed = tuple(hw) if all(isinstance(s, int) for s in hw) else None
         if self.fixed and not self.spec.fixed_size:
@@ -239,7 +250,12 @@ class OnnxEmbedRunner:
         self.output_name = outs[out] if isinstance(out, int) else out
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        y = self.session.run([self.output_name], {self.input_name: self.spec.convert(batch)})[0]
+        x = self.spec.convert(batch)
+        if self.one_at_a_time:
+            y = np.concatenate([self.session.run([self.output_name], {self.input_name: x[i : i + 1]})[0]
+                                for i in range(len(x))])
+        else:
+            y = self.session.run([self.output_name], {self.input_name: x})[0]
         if y.ndim != 2:
             raise LookalikeError(f"the model returns shape {tuple(y.shape)}; an embedding model must return (N, D) rows "
                                  "(export it with its pooling)")

@@ -35,7 +35,7 @@ from .postprocess import PCAWhitening, RerankConfig, knn, l2n, rerank
 log = logging.getLogger(__name__)
 
 WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-VERSION = 2  # bump when a choice could change for the same gallery (cached choices are keyed by it)
+VERSION = 3  # bump when a choice could change for the same gallery (cached choices are keyed by it)
 
 
 # ---------------------------------------------------------------- member weights on stored rows
@@ -273,10 +273,15 @@ class Choice:
 
 def choose(gallery_members: list[np.ndarray], probe: Probe, self_members: list[np.ndarray] | None = None,
            weights: list[tuple[float, ...]] | None = None, whitening=(False, True), chains=None,
-           log_fn=None, min_gain: float = 0.002) -> Choice:
+           log_fn=None, min_gain: float = 0.002, current: tuple[float, ...] | None = None) -> Choice:
     """Best (member weights, whitening, re-ranking) on the probe, searched jointly. Whitening or a
-    chain is kept only when it gains at least ``min_gain`` over the same weights without it."""
-    weights = weights or weight_grid(len(gallery_members))
+    chain is kept only when it gains at least ``min_gain`` over the same weights without it; other
+    weights than ``current`` (tried first) only when they beat it by ``min_gain`` (a saturated probe
+    keeps the configured weights instead of the first of the grid)."""
+    weights = list(weights or weight_grid(len(gallery_members)))
+    if current is not None:
+        current = tuple(float(w) for w in current)
+        weights = [current] + [w for w in weights if tuple(w) != current]
     chains = default_chains() if chains is None else chains
     if probe.weight_self > 0:
         # photos without classmates are instance-level: one relevant photo per query, where k-reciprocal
@@ -299,7 +304,8 @@ def choose(gallery_members: list[np.ndarray], probe: Probe, self_members: list[n
                 plain = r["score"]  # the first pair is (no whitening, no chain)
             elif r["score"] < plain + min_gain:
                 continue
-            if best is None or r["score"] > best[0] + 1e-9:
+            margin = 1e-9 if current is None or tuple(ws) == current else min_gain
+            if best is None or r["score"] > best[0] + margin:
                 best = (r["score"], ws, wh, chain)
     score, ws, wh, chain = best
     return Choice(tuple(ws), wh, chain, score, table, probe.describe())
@@ -359,9 +365,14 @@ def select_for_gallery(extractor, features: np.ndarray, names: list[str], paths:
     (then every photo is its own class: ``tune --self``). 600 pseudo-queries: with 300, the
     whitening and weight choices on the dev sets were within the probe's noise."""
     cfg = extractor.config
-    if any(w <= 0 for w in cfg.member_weights):
-        raise LookalikeError("choosing ensemble weights needs features of every member: extract with weights > 0")
-    dims = extractor.member_dims()
+    fixed = weights is not None and len(weights) == 1 and tuple(weights[0]) == tuple(cfg.member_weights)
+    if fixed or len(cfg.member_weights) == 1:  # the rows as they are: whitening and re-ranking only
+        dims, weights = [features.shape[1]], [(1.0,)]
+    elif any(w <= 0 for w in cfg.member_weights):
+        raise LookalikeError("choosing ensemble weights needs features of every member: extract with weights > 0, "
+                             "or give --ensemble-weights to keep them")
+    else:
+        dims = extractor.member_dims()
     members = split_members(features, dims)
     labels = [classes.get(n, "") for n in names] if classes is not None else [f"#{i}" for i in range(len(names))]
     held, singles, n_multi, n_single = class_probe(labels, max_queries=max_class_queries, seed=seed)
@@ -376,5 +387,8 @@ def select_for_gallery(extractor, features: np.ndarray, names: list[str], paths:
                   copies_of(l2n(features), targets) if len(targets) else None)
     if weights is None and len(members) > 1:
         weights = weight_grid(len(members))
-    return choose(members, probe, self_members, weights=weights or [(1.0,)], whitening=whitening,
-                  chains=chains, log_fn=log_fn)
+    choice = choose(members, probe, self_members, weights=weights or [(1.0,)], whitening=whitening, chains=chains,
+                    log_fn=log_fn, current=tuple(cfg.member_weights) if len(members) > 1 else None)
+    if len(members) == 1:
+        choice.weights = tuple(cfg.member_weights)
+    return choice
