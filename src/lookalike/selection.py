@@ -35,7 +35,7 @@ from .postprocess import PCAWhitening, RerankConfig, knn, l2n, rerank
 log = logging.getLogger(__name__)
 
 WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-VERSION = 3  # bump when a choice could change for the same gallery (cached choices are keyed by it)
+VERSION = 4  # bump when a choice could change for the same gallery (cached choices are keyed by it)
 
 
 # ---------------------------------------------------------------- member weights on stored rows
@@ -304,7 +304,9 @@ def choose(gallery_members: list[np.ndarray], probe: Probe, self_members: list[n
                 plain = r["score"]  # the first pair is (no whitening, no chain)
             elif r["score"] < plain + min_gain:
                 continue
-            margin = 1e-9 if current is None or tuple(ws) == current else min_gain
+            # leaving the configured weights takes min_gain; between other weights the better one wins
+            leaving = current is not None and best is not None and tuple(best[1]) == current and tuple(ws) != current
+            margin = min_gain if leaving else 1e-9
             if best is None or r["score"] > best[0] + margin:
                 best = (r["score"], ws, wh, chain)
     score, ws, wh, chain = best
