@@ -201,24 +201,34 @@ def _per_query_scores(ids: np.ndarray, relevant: np.ndarray, n_rel: np.ndarray) 
     return 0.5 * relevant[:, 0] + 0.5 * average_precision_at_k(relevant, n_rel, min(10, ids.shape[1]))
 
 
-def _scored(g: np.ndarray, q: np.ndarray, whiten: bool, chain: RerankConfig | None, k: int) -> np.ndarray:
-    if whiten:
-        w = PCAWhitening().fit(g)
-        g, q = w.transform(g), w.transform(q)
-    kk = min(k, len(g))
-    return (rerank(q, g, kk, chain) if chain and chain.steps else knn(q, g, kk))[1]
+def _pairs(gallery: np.ndarray, probe: Probe, self_queries: np.ndarray | None, whiten: bool) -> dict:
+    """(gallery, queries) of each kind of probe, whitened once per candidate (not once per chain)."""
+    def prepared(g, q):
+        if whiten:
+            w = PCAWhitening().fit(g)
+            g, q = w.transform(g), w.transform(q)
+        return g, q
 
-
-def evaluate(gallery: np.ndarray, probe: Probe, self_queries: np.ndarray | None, whiten: bool,
-             chain: RerankConfig | None, k: int = 10) -> dict:
-    """Scores of one candidate (features already combined) on the probe's two kinds of queries:
-    ``class`` (held-out photos against the rest), ``self`` (pseudo-queries) and their mix ``score``."""
     out = {}
     if len(probe.class_queries):
         keep = np.ones(len(gallery), bool)
         keep[probe.class_queries] = False
         base_rows = np.flatnonzero(keep)
-        ids = _scored(gallery[base_rows], gallery[probe.class_queries], whiten, chain, k)
+        out["class"] = (*prepared(gallery[base_rows], gallery[probe.class_queries]), base_rows)
+    if self_queries is not None and len(self_queries):
+        out["self"] = prepared(gallery, self_queries)
+    return out
+
+
+def _score_pairs(pairs: dict, probe: Probe, chain: RerankConfig | None, k: int = 10) -> dict:
+    def ranked(g, q):
+        kk = min(k, len(g))
+        return (rerank(q, g, kk, chain) if chain and chain.steps else knn(q, g, kk))[1]
+
+    out = {}
+    if "class" in pairs:
+        g, q, base_rows = pairs["class"]
+        ids = ranked(g, q)
         lab = probe.labels
         rel = lab[base_rows][ids] == lab[probe.class_queries][:, None]
         counts: dict = {}
@@ -226,8 +236,8 @@ def evaluate(gallery: np.ndarray, probe: Probe, self_queries: np.ndarray | None,
             counts[x] = counts.get(x, 0) + 1
         n_rel = np.array([counts.get(x, 0) for x in lab[probe.class_queries]])
         out["class"] = float(_per_query_scores(ids, rel, n_rel).mean())
-    if self_queries is not None and len(self_queries):
-        ids = _scored(gallery, self_queries, whiten, chain, k)
+    if "self" in pairs:
+        ids = ranked(*pairs["self"])
         rel = ids == probe.self_targets[:, None]
         n_rel = np.ones(len(ids))
         if probe.self_copies is not None:
@@ -242,6 +252,13 @@ def evaluate(gallery: np.ndarray, probe: Probe, self_queries: np.ndarray | None,
         raise LookalikeError("nothing to choose from: the gallery has no class with two photos and no pseudo-queries")
     out["score"] = (wc * out.get("class", 0.0) + ws * out.get("self", 0.0)) / (wc + ws)
     return out
+
+
+def evaluate(gallery: np.ndarray, probe: Probe, self_queries: np.ndarray | None, whiten: bool,
+             chain: RerankConfig | None, k: int = 10) -> dict:
+    """Scores of one candidate (features already combined) on the probe's two kinds of queries:
+    ``class`` (held-out photos against the rest), ``self`` (pseudo-queries) and their mix ``score``."""
+    return _score_pairs(_pairs(gallery, probe, self_queries, whiten), probe, chain, k)
 
 
 def default_chains() -> list[RerankConfig | None]:
@@ -294,8 +311,9 @@ def choose(gallery_members: list[np.ndarray], probe: Probe, self_members: list[n
         g = combine(gallery_members, ws)
         s = combine(self_members, ws) if self_members is not None else None
         plain = None
+        prepared = {wh: _pairs(g, probe, s, wh) for wh in whitening}
         for wh, chain in itertools.product(whitening, chains):
-            r = evaluate(g, probe, s, wh, chain)
+            r = _score_pairs(prepared[wh], probe, chain)
             row = {"weights": list(ws), "whiten": wh, "rerank": ",".join(chain.steps) if chain else "none", **r}
             table.append(row)
             if log_fn:
