@@ -1,5 +1,5 @@
 """lookalike: image retrieval that trains, extracts, indexes, re-ranks, evaluates and serves."""
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .api import build_index, evaluate, run, search  # noqa: E402
 from .errors import LookalikeError  # noqa: E402

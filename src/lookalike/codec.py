@@ -32,6 +32,7 @@ import numpy as np
 
 from ._io import atomic_path
 from .errors import LookalikeError
+from .numeric import orthonormal_rows as _orthonormal_rows, pca_basis as _pca
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,6 @@ _LATENT_BITS = 20  # latent values: multiples of 2^(e - 20) where 2^e bounds the
 
 def _to_grid(x: np.ndarray, step: float) -> np.ndarray:
     return np.round(np.asarray(x, np.float64) / step) * step
-
-
-def _orthonormal_rows(a: np.ndarray) -> np.ndarray:
-    """Orthonormalised rows of ``a`` (k, d), in order (row i spans what rows 0..i span); all-zero
-    rows, and rows beyond d, stay zero (padding: latent dimensions that carry nothing)."""
-    a = np.asarray(a, np.float64)
-    keep = np.flatnonzero(np.abs(a).sum(axis=1) > 0)
-    out = np.zeros_like(a)
-    if len(keep):
-        q, _ = np.linalg.qr(a[keep].T)
-        out[keep[: q.shape[1]]] = q.T
-    return out
 
 
 @dataclass
@@ -252,13 +241,6 @@ class Codec:
 
 
 # ---------------------------------------------------------------------- the pieces
-
-
-def _pca(xc: np.ndarray, m: int) -> np.ndarray:
-    cov = np.asarray(xc, np.float64).T @ np.asarray(xc, np.float64) / max(len(xc) - 1, 1)
-    evals, evecs = np.linalg.eigh(cov)
-    order = np.argsort(evals)[::-1][:m]
-    return evecs[:, order].T
 
 
 def _opq(xc: np.ndarray, m_sub: int, seed: int) -> np.ndarray:
@@ -470,7 +452,7 @@ def evaluate_codec(codec: Codec, feats: np.ndarray, labels=None) -> dict:
     import time
 
     from .metrics import leave_one_out, neighbour_recall
-    from .postprocess import l2n
+    from .numeric import l2n
 
     t0 = time.perf_counter()
     codes = codec.encode(feats)

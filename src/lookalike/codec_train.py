@@ -51,7 +51,7 @@ def _holdout(n: int, labels, seed: int, by: str = "identities") -> tuple[np.ndar
 def _retrieval_score(orig: np.ndarray, recon: np.ndarray, labels) -> float:
     """Leave-one-out DIGIX score with labels; else recall of the original top-10 neighbours."""
     from .metrics import leave_one_out, neighbour_recall
-    from .postprocess import l2n
+    from .numeric import l2n
 
     if labels is not None:
         return leave_one_out(l2n(recon), labels)["digix_score"]

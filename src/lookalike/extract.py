@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from ._io import atomic_path, write_text_atomic
 from .data import BadImage, ImageEntry, Preprocess, list_images, load_image
 from .errors import LookalikeError, comma_choices
+from .numeric import l2n
+from .paths import cache_dir
 from .store import read_attrs, read_store, write_store
 
 log = logging.getLogger(__name__)
@@ -282,21 +284,10 @@ class ExtractConfig:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("LOOKALIKE_CACHE_DIR")
-    if base:
-        return Path(base)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lookalike"
-
-
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def l2n(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 class TorchRunner:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 from ._io import write_json_atomic
 from .errors import LookalikeError
 from .store import FeatureStore, read_store

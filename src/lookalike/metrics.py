@@ -71,7 +71,7 @@ def relevance_matrix(ranked: list[list[str]], query_labels: list[str], label_of:
 def leave_one_out(feats: np.ndarray, labels, k: int = 10) -> dict:
     """Every row queries all the others (cosine): top-1, mAP@k, DIGIX score. Rows whose label has no
     other member are left out. Used for training validation and codec evaluation."""
-    from .postprocess import knn
+    from .numeric import knn
 
     labels = np.asarray(labels)
     kk = min(k + 1, len(feats))
@@ -86,7 +86,7 @@ def leave_one_out(feats: np.ndarray, labels, k: int = 10) -> dict:
 
 def neighbour_recall(orig: np.ndarray, approx: np.ndarray, k: int = 10) -> float:
     """Share of each row's k nearest neighbours (itself excluded) under ``orig`` that ``approx`` keeps."""
-    from .postprocess import knn
+    from .numeric import knn
 
     kk = min(k + 1, len(orig))
     _, a = knn(orig, orig, kk)

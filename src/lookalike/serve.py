@@ -462,7 +462,7 @@ def _error_response(status: int, message: str):
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

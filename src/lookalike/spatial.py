@@ -340,6 +340,6 @@ def spatial_rerank(query_paths, gallery_paths, scores: np.ndarray, ids: np.ndarr
 
 
 def default_cache_dir() -> Path:
-    from .extract import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / "local-features"

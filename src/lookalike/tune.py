@@ -13,7 +13,8 @@ import numpy as np
 
 from .errors import LookalikeError
 from .metrics import retrieval_metrics
-from .postprocess import FINAL_STEPS, RerankConfig, knn, l2n, rerank
+from .numeric import knn, l2n
+from .postprocess import FINAL_STEPS, RerankConfig, rerank
 
 
 def default_grid(n_gallery: int) -> list[RerankConfig]:
