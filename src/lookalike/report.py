@@ -138,12 +138,13 @@ def grad_cam(model, query_path, match_path) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     from .data import load_image
+    from .models import network_input
 
     net, pre = model
 
     def tensor(path):
         arr = pre(load_image(path))
-        return torch.from_numpy(np.array(arr))[None].permute(0, 3, 1, 2).float().sub(127.0).div(128.0), arr
+        return network_input(torch.from_numpy(np.array(arr))[None]), arr
 
     xq, arr = tensor(query_path)
     xm, _ = tensor(match_path)
@@ -151,7 +152,7 @@ def grad_cam(model, query_path, match_path) -> tuple[np.ndarray, np.ndarray]:
         target = torch.nn.functional.normalize(net.embed(xm), dim=1)
     fmap = net.backbone(xq)
     fmap.retain_grad()
-    emb = net.head(fmap) if net.head is not None else net.pool(fmap, net.gem_p)
+    emb = net.describe(fmap)
     sim = (torch.nn.functional.normalize(emb, dim=1) * target).sum()
     sim.backward()
     w = fmap.grad.mean(dim=(2, 3), keepdim=True)

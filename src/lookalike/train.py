@@ -37,7 +37,8 @@ from ._io import atomic_path, write_json_atomic
 from .data import BadImage, IMAGE_EXTENSIONS, load_image
 from .errors import LookalikeError
 from .metrics import leave_one_out
-from .models import MODEL_FILE, CGDHead, Embedder, create_backbone
+from .catalog import write_model_meta
+from .models import CGDHead, Embedder, create_backbone, network_input
 
 log = logging.getLogger(__name__)
 LOSSES = ("cosface", "arcface", "sphereface", "multisimilarity")
@@ -167,7 +168,7 @@ class _Images(torch.utils.data.Dataset):
             img = augment(img, self.size, random.Random(hash((self.seed, self.epoch, i))))
         else:
             img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, np.float32).copy()).permute(2, 0, 1).sub_(127.0).div_(128.0)
+        x = network_input(torch.from_numpy(np.asarray(img, np.float32).copy())[None])[0]
         return x, self.class_index.get(label, -1), i, reason
 
 
@@ -572,9 +573,8 @@ def export(out: Path, cfg: TrainConfig, num_classes: int) -> Path:
     meta = {"backbone": cfg.model, "backbone_weights": cfg.weights, "descriptors": cfg.descriptors, "dim": cfg.dim,
             "gem_p": cfg.gem_p, "image_size": cfg.image_size, "classes": num_classes, "weights": "model_fp16.pt",
             "loss": cfg.loss}
-    write_json_atomic(out / MODEL_FILE, meta)
-    from .extract import export_onnx
-    from .models import load_trained
+    write_model_meta(out, meta)
+    from .models import export_onnx, load_trained
 
     export_onnx(load_trained(out), out / "model.onnx")
     size = sum(os.path.getsize(out / f) for f in ("model_fp16.pt",))
