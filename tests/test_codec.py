@@ -7,6 +7,7 @@ from conftest import lookalike_cli
 from lookalike.codec import Codec, evaluate_codec, read_codes, write_codes
 from lookalike.errors import LookalikeError
 from lookalike.formats import write_naic_features
+from lookalike.numeric import orthonormal_rows, pca_basis
 
 
 def identities(n_ids=60, per=10, d=256, seed=0):
@@ -67,15 +68,131 @@ def test_more_bytes_reconstruct_better(data):
 
 
 def test_learned_codec_trains_and_records_history(data):
-    from lookalike.codec_train import train_projection
+    from lookalike.codec_train import discriminant_basis, train_projection
 
     x, y = data
     proj, history = train_projection(x - x.mean(0), x.mean(0), y, 32, epochs=2, seed=0)
     assert proj.shape == (32, x.shape[1]) and [h["epoch"] for h in history] == [1, 2]
     assert np.allclose(proj @ proj.T, np.eye(32), atol=1e-4)  # rows stay orthonormal while training
     c = Codec(nbytes=16, method="learned", epochs=2, latent_dim=32).fit(x, y)
-    assert c.latent_dim_ == 32 and "selection" in c.history_[0]  # PCA vs trained, chosen on held-out identities
+    # 60 identities: the discriminant subspace (59 dims) fills the fixed latent of 32, so the candidates are
+    # PCA, LDA and the better of the two fine-tuned; the best held-out score wins
+    sel = c.history_[0]["selection"]
+    assert sorted(sel) == ["32/lda", "32/lda+trained", "32/pca"], sel
+    assert c.history_[0]["chosen"] == max(sel, key=sel.get) == "32/lda", c.history_[0]
+    assert len(c.history_) == 1  # the fine-tuned candidate lost: no training epochs recorded
+    # ... and is refitted on all of x: the codec's projection is LDA's (up to its 2^-18 grid)
+    lda = orthonormal_rows(discriminant_basis(x - c.mean_, y, 32, fill="zero"))
+    assert c.latent_dim == c.latent_dim_ == 32 and np.abs(c.proj_ - lda).max() <= 2.0 ** -19
     assert evaluate_codec(c, x, y)["score_ratio"] > 0.5
+
+
+def test_learned_refit_uses_the_winning_kind_exactly():
+    """A winning "lda+pca" is refitted as "lda+pca" (PCA-completed), not as "lda" (zero-padded)."""
+    from lookalike.codec_train import choose_and_train_projection, discriminant_basis
+
+    x, y = identities(n_ids=40, per=10)  # 39 discriminant directions: a latent of 64 is completed by PCA
+    proj, m, history = choose_and_train_projection(x, x.mean(0), y, 16, 64, epochs=0, seed=0)
+    sel = history[0]["selection"]
+    assert sorted(sel) == ["64/lda", "64/lda+pca", "64/pca"] and history[0]["chosen"] == "64/lda+pca", history
+    assert sel["64/lda+pca"] == max(sel.values())
+    assert m == 64 and np.abs(proj).sum(1).min() > 0  # no zero-padded rows
+    assert np.array_equal(proj, orthonormal_rows(discriminant_basis(x - x.mean(0), y, 64, fill="pca")))
+
+
+def test_registered_method_round_trips_and_ids_are_stable(data, tmp_path, monkeypatch):
+    import struct
+
+    import lookalike.codec as codec_mod
+    from lookalike.codec import codec_method, register_codec_method
+
+    # the ids every code file stores: those of the files written before the registry, never renumbered
+    assert codec_mod.METHODS == ("sq", "pq", "opq", "learned")
+    assert [codec_method(m).id for m in codec_mod.METHODS] == [0, 1, 2, 3]
+    x, _ = data
+    opq = Codec(nbytes=16, method="opq").fit(x)
+    write_codes(tmp_path / "opq.codes", opq.encode(x[:10]), opq)
+    magic, version, method_id = struct.unpack_from("<6sHB", (tmp_path / "opq.codes").read_bytes())
+    assert (magic, version, method_id) == (b"LKCODE", 1, 2)
+
+    # a toy method: a fixed random rotation to 32 dims, then PQ; registered for this test only
+    monkeypatch.setattr(codec_mod, "_METHODS_BY_ID", dict(codec_mod._METHODS_BY_ID))
+    monkeypatch.setattr(codec_mod, "METHODS", codec_mod.METHODS)
+
+    def toy_projection(codec, feats, labels):
+        return orthonormal_rows(np.random.default_rng(codec.seed).normal(size=(32, feats.shape[1])))
+
+    entry = register_codec_method(200, "toy", toy_projection)
+    assert register_codec_method(200, "toy", toy_projection) is entry  # the same entry again: a no-op
+    assert codec_mod.METHODS == ("sq", "pq", "opq", "learned", "toy") and codec_method("toy").id == 200
+    with pytest.raises(LookalikeError, match="clashes"):
+        register_codec_method(2, "toy2", toy_projection)  # opq's id
+    with pytest.raises(LookalikeError, match="clashes"):
+        register_codec_method(201, "opq", toy_projection)
+    with pytest.raises(LookalikeError, match="0..255"):
+        register_codec_method(256, "toy3", toy_projection)
+    c = Codec(nbytes=16, method="toy", seed=3).fit(x)
+    assert c.proj_.shape == (32, x.shape[1]) and np.abs(c.proj_ - toy_projection(c, x, None)).max() <= 2.0 ** -19
+    codes = c.encode(x)
+    assert np.array_equal(c.encode(c.decode(codes)), codes)
+    c.save(tmp_path / "toy.npz")
+    again = Codec.load(tmp_path / "toy.npz")
+    assert again.method == "toy" and again.codec_id() == c.codec_id()
+    assert np.array_equal(again.decode(codes), c.decode(codes))
+    write_codes(tmp_path / "toy.codes", codes, again, [f"n{i}" for i in range(len(x))])
+    assert struct.unpack_from("<6sHB", (tmp_path / "toy.codes").read_bytes())[2] == 200
+    back, names = read_codes(tmp_path / "toy.codes", again)
+    assert np.array_equal(back, codes) and names[-1] == f"n{len(x) - 1}"
+
+    # once the method is gone, its files are refused by name (codec) and by id (codes), clearly
+    monkeypatch.undo()
+    assert codec_mod.METHODS == ("sq", "pq", "opq", "learned")
+    with pytest.raises(LookalikeError, match="toy.npz: a codec of method 'toy', which this lookalike does not know"):
+        Codec.load(tmp_path / "toy.npz")
+    with pytest.raises(LookalikeError, match="codec method id 200, which this lookalike does not know"):
+        read_codes(tmp_path / "toy.codes")
+
+
+def test_command_functions(data, tmp_path):
+    """One plain function per `lookalike codec` verb: the files they write hold what the codec computes."""
+    import faiss
+
+    from lookalike.codec import decode_file, encode_file, evaluate_file, fit_file, index_codes
+    from lookalike.store import read_store, write_store
+
+    x, y = data
+    names = [f"g{i}" for i in range(len(x))]
+    write_store(tmp_path / "g.h5", names, x, {"model_id": "m1", "fingerprint": "f"})
+    (tmp_path / "labels.csv").write_text("image,label\n" + "".join(f"{n},{lab}\n" for n, lab in zip(names, y)))
+    c = fit_file(tmp_path / "g.h5", tmp_path / "c.npz", 16, "pq", seed=1)
+    assert c.fit_count_ == len(x) and c.method == "pq" and c.nbytes == 16 and c.seed == 1
+    ref = Codec(nbytes=16, method="pq", seed=1).fit(x)
+    assert np.array_equal(ref.encode(x), c.encode(x))  # the same fit as the class gives
+    loaded = Codec.load(tmp_path / "c.npz")
+    assert loaded.codec_id() == c.codec_id() and loaded.describe()["model_id"] == "m1"
+
+    with pytest.raises(LookalikeError, match="give -o CODES and/or --naic-dir DIR"):
+        encode_file(tmp_path / "g.h5", tmp_path / "c.npz")
+    assert encode_file(tmp_path / "g.h5", tmp_path / "c.npz", tmp_path / "g.codes", tmp_path / "naic") == len(x)
+    codes, got_names = read_codes(tmp_path / "g.codes", loaded)
+    assert np.array_equal(codes, c.encode(x)) and got_names == names
+    assert (tmp_path / "naic" / "g7.dat").read_bytes() == codes[7].tobytes()
+
+    assert decode_file(tmp_path / "g.codes", tmp_path / "c.npz", tmp_path / "d.h5") == len(x)
+    st = read_store(tmp_path / "d.h5")
+    assert st.names == names and np.array_equal(st.features, c.decode(codes)) and st.model_id == "decoded"
+
+    col = index_codes(tmp_path / "g.codes", tmp_path / "c.npz", tmp_path / "idx", nlist=4)
+    assert col.names == names and col.index.ntotal == len(x)
+    assert col.manifest["factory"] == "codec:pq16,IVF4" and col.manifest["model_id"] == "m1"
+    assert faiss.extract_index_ivf(col.index).nlist == 4 and (tmp_path / "idx").is_dir()
+
+    m = evaluate_file(tmp_path / "g.h5", tmp_path / "c.npz", tmp_path / "labels.csv", tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == m
+    ref_m = evaluate_codec(loaded, x, y.astype(str))
+    assert m["count"] == len(x) and m["method"] == "pq" and m["nbytes"] == 16
+    for key in ("relative_squared_error", "mse", "cosine_to_original", "digix_score", "digix_score_float32"):
+        assert m[key] == ref_m[key], key
 
 
 def test_code_file_round_trip_and_errors(data, tmp_path):
@@ -191,7 +308,6 @@ def _nuisance_world(n_ids, per, seed, d=96):
 
 
 def test_discriminant_basis_finds_the_identity_subspace():
-    from lookalike.codec import _pca
     from lookalike.codec_train import discriminant_basis
 
     x, y, basis = _nuisance_world(80, 6, seed=1)
@@ -201,7 +317,7 @@ def test_discriminant_basis_finds_the_identity_subspace():
     ident, nuis = basis[:8], basis[8:]
     # the first 8 LDA rows span the identity directions; PCA's first 8 are mostly nuisance
     assert np.linalg.norm(lda[:8] @ ident.T) ** 2 / 8 > 0.95
-    assert np.linalg.norm(_pca(xc, 8) @ nuis.T) ** 2 / 8 > 0.6
+    assert np.linalg.norm(pca_basis(xc, 8) @ nuis.T) ** 2 / 8 > 0.6
 
 
 def test_learned_codec_beats_opq_when_nuisance_dominates():
@@ -215,7 +331,7 @@ def test_learned_codec_beats_opq_when_nuisance_dominates():
     opq = Codec(nbytes=16, method="opq").fit(x)
     s_learned = leave_one_out(l2n(learned.decode(learned.encode(xt))), yt)["digix_score"]
     s_opq = leave_one_out(l2n(opq.decode(opq.encode(xt))), yt)["digix_score"]
-    assert "lda" in learned.history_[0]["chosen"], learned.history_[0]
+    assert learned.history_[0]["chosen"] == "16/lda", learned.history_[0]  # the pure discriminant subspace
     assert s_learned > s_opq + 0.1, (s_learned, s_opq)
 
 
@@ -233,13 +349,12 @@ def test_holdout_by_identities_or_images():
 
 
 def test_zero_padded_latent_rows_stay_zero():
-    from lookalike.codec import _orthonormal_rows
     from lookalike.codec_train import discriminant_basis
 
     x, y, _ = _nuisance_world(40, 8, seed=4)
     p = discriminant_basis(x - x.mean(0), y, 48, fill="zero")  # 39 discriminant rows, 9 empty
     assert np.abs(p[39:]).max() == 0 and np.allclose(p[:39] @ p[:39].T, np.eye(39), atol=1e-8)
-    q = _orthonormal_rows(p)
+    q = orthonormal_rows(p)
     assert np.abs(q[39:]).max() == 0 and np.allclose(np.abs(np.diag(q[:39] @ p[:39].T)), 1)  # same rows, up to sign
     c = Codec(nbytes=16, method="pq").fit_quantiser(x, p, x.mean(0))
     rec = c.decode(c.encode(x))

@@ -105,6 +105,22 @@ def test_bucket_keeps_whole_photo(w, h):
 
 
 def test_crop_mode_cuts_borders():
+    """A 400 x 200 photo whose red encodes the column and green the row: the shorter side is resized
+    to 224 / 0.875 = 256 (x 1.28) and the centre 224 square cut, so source columns ~112..288 and
+    rows ~12..188 end up in the crop, in place and unmirrored; the borders are gone."""
     pre = Preprocess(224, "crop")
-    out = pre(Image.new("RGB", (400, 200)))
+    w, h = 400, 200
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[..., 0] = np.round(0.6 * np.arange(w))[None, :]
+    arr[..., 1] = np.round(1.2 * np.arange(h))[:, None]
+    arr[..., 2] = 77
+    out = pre(Image.fromarray(arr))
     assert out.shape == (224, 224, 3)
+    # output pixel j is resized pixel offset + j: source coordinate (offset + j + 0.5) / 1.28 - 0.5
+    src_x = (144 + np.arange(224) + 0.5) / 1.28 - 0.5  # offsets: (512 - 224) / 2, (256 - 224) / 2
+    src_y = (16 + np.arange(224) + 0.5) / 1.28 - 0.5
+    err_x, err_y = np.abs(out[..., 0] - 0.6 * src_x[None, :]), np.abs(out[..., 1] - 1.2 * src_y[:, None])
+    assert err_x.max() <= 1.0 and err_y.max() <= 1.0
+    assert err_x.mean() < 0.4 and err_y.mean() < 0.4  # a crop one pixel off: 0.47 and 0.91
+    assert (out[..., 2] == 77).all()
+    assert 0.6 * 100 < out[..., 0].min() and out[..., 0].max() < 0.6 * 300  # the left and right borders are cut

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lookalike import LookalikeError
-from lookalike.formats import read_labels, read_results, write_results
+from lookalike.formats import (format_for_path, read_labels, read_results, write_per_query_csv, write_results,
+                               write_skipped_csv)
 from lookalike.index import build_index, load_collection
 from lookalike.store import FeatureStore, read_store, write_store
 
@@ -75,6 +76,35 @@ def test_results_roundtrip(tmp_path, fmt):
         assert p.read_text() == "q1.jpg,{c.jpg,a.jpg,b.jpg}\nq2.jpg,{b.jpg,c.jpg,a.jpg}\n"
     if fmt == "naic":
         assert json.loads(p.read_text(encoding="utf-8"))["q2.jpg"] == ["b.jpg", "c.jpg", "a.jpg"]
+        assert p.read_text() == '{"q1.jpg": ["c.jpg", "a.jpg", "b.jpg"], "q2.jpg": ["b.jpg", "c.jpg", "a.jpg"]}\n'
+    if fmt == "csv":
+        assert p.read_text() == ("query,rank,gallery,score\nq1.jpg,1,c.jpg,0.900000\nq1.jpg,2,a.jpg,0.500000\n"
+                                 "q1.jpg,3,b.jpg,0.100000\nq2.jpg,1,b.jpg,0.800000\nq2.jpg,2,c.jpg,0.700000\n"
+                                 "q2.jpg,3,a.jpg,0.200000\n")
+
+
+def test_results_bytes_unicode_and_missing_neighbours(tmp_path):
+    """Names are written as UTF-8 as they are, -1 (no neighbour) is dropped; the suffix picks the format."""
+    idx, scores = np.array([[1, -1]]), np.array([[0.5, 0.0]], np.float32)
+    for name, text in [("r.csv", "ü.jpg,{日本.png}\n"), ("r.JSON", '{"ü.jpg": ["日本.png"]}\n'), ("r.txt", "ü.jpg,{日本.png}\n")]:
+        write_results(tmp_path / name, format_for_path(tmp_path / name, None), ["ü.jpg"], ["a.jpg", "日本.png"], scores, idx)
+        assert (tmp_path / name).read_bytes() == text.encode("utf-8")
+        assert read_results(tmp_path / name) == {"ü.jpg": ["日本.png"]}
+    write_results(tmp_path / "r.json", format_for_path(tmp_path / "r.json", "csv"), ["q"], ["a", "b"], scores, idx)
+    assert (tmp_path / "r.json").read_text() == "query,rank,gallery,score\nq,1,b,0.500000\n"
+    with pytest.raises(LookalikeError, match="unknown format 'xml'; use one of digix, naic, csv"):
+        format_for_path(tmp_path / "r.csv", "xml")
+
+
+def test_skipped_and_per_query_csv_bytes(tmp_path):
+    write_skipped_csv(tmp_path / "s1.csv", [("a,b.jpg", "empty file"), ("c.jpg", 'bad "x"')])
+    assert (tmp_path / "s1.csv").read_text() == 'image,reason\n"a,b.jpg",empty file\nc.jpg,"bad ""x"""\n'
+    write_skipped_csv(tmp_path / "s2.csv", {"gallery": [("ü.jpg", "truncated")], "queries": []})
+    assert (tmp_path / "s2.csv").read_bytes() == "set,image,reason\ngallery,ü.jpg,truncated\n".encode("utf-8")
+    per_query = {"top1": np.array([1, 0]), "ap@10": np.array([0.5, 1 / 3]), "first_correct_rank": np.array([1, 0])}
+    write_per_query_csv(tmp_path / "pq.csv", ["q1.jpg", "q,2.jpg"], ["cat", "dog"], per_query)
+    assert (tmp_path / "pq.csv").read_text() == ("query,label,top1,ap@10,first_correct_rank\n"
+                                                 "q1.jpg,cat,1,0.5,1\n\"q,2.jpg\",dog,0,0.333333,0\n")
 
 
 def test_digix_refuses_names_it_cannot_hold(tmp_path):

@@ -92,11 +92,18 @@ def test_add_remove_match_a_rebuild(data, tmp_path, factory):
         col.remove([names[0]] if names[0] in gone else ["nope.jpg"])
 
 
-def test_hnsw_cannot_remove_and_cli_update(data, tmp_path):
+def test_hnsw_removal_is_kept_as_a_list_and_cli_update(data, tmp_path):
     root, x, names, q = data
-    col = build_index(root / "g.h5", None, IndexConfig(factory="HNSW16,Flat"))
-    with pytest.raises(LookalikeError, match="cannot remove"):
-        col.remove([names[0]])
+    col = build_index(root / "g.h5", None, IndexConfig(factory="HNSW16,Flat", ef_search=256))
+    assert col.remove([names[0], names[5]]) == 2 and len(col) == 1198
+    _, ids = col.search(x[[0, 5, 7]], 3)
+    assert 0 not in ids and 5 not in ids and ids[2, 0] == 7  # removed rows are never found
+    col.save(tmp_path / "hnsw")
+    again = load_collection(tmp_path / "hnsw")  # faiss cannot drop HNSW rows: the list is saved
+    assert len(again) == 1198 and again.manifest["deleted_rows"] == [0, 5]
+    assert names[0] not in again.live_names() and again.search(x[:1], 1)[1][0, 0] != 0
+    again.add([names[0]], x[:1])  # the name can come back, as a new row
+    assert again.search(x[:1], 1)[1][0, 0] == 1200 and again.names[1200] == names[0]
     write_store(tmp_path / "first.h5", names[:1000], x[:1000], {"model_id": "m", "fingerprint": "f"})
     write_store(tmp_path / "more.h5", names[1000:], x[1000:], {"model_id": "m", "fingerprint": "f"})
     lookalike_cli("index", tmp_path / "first.h5", "-o", tmp_path / "idx", "--factory", "IVF8,Flat", "--nprobe", "8", check=True)

@@ -101,7 +101,9 @@ def test_lr_schedule_warms_up_then_follows_the_larger_of_steps_and_time():
 
 
 def test_freeze_epochs_trains_the_head_only(class_folders, tmp_path):
-    from lookalike.models import create_backbone
+    from torch import nn
+
+    from lookalike.models import CGDHead, create_backbone
 
     run = tmp_path / "frozen"
     lookalike_cli("train", class_folders, "-o", run, "--image-size", "64", "--batch-size", "8", "--max-steps", "2",
@@ -110,9 +112,20 @@ def test_freeze_epochs_trains_the_head_only(class_folders, tmp_path):
     trained = torch.load(run / "best.pt", weights_only=True)
     original = create_backbone("lite0").module.state_dict()
     assert all(torch.equal(trained["backbone." + k], v) for k, v in original.items())  # BN stats too (eval mode)
-    head = [k for k in trained if k.startswith("head.")]
-    assert head
-    assert len(backbone_units(create_backbone("lite0").module)) >= 20  # stem, bn, 16 blocks, head conv, bn, ...
+    # the head did train: its weights left their initialisation (that of train(): seed 0, then backbone, then head)
+    torch.manual_seed(0)
+    init = CGDHead(create_backbone("lite0").channels, "SMG", 48).state_dict()
+    head = {k[len("head."):]: v for k, v in trained.items() if k.startswith("head.")}
+    assert sorted(head) == ["proj.0.weight", "proj.1.weight", "proj.2.weight"] == sorted(init)
+    for k, v in head.items():
+        assert v.shape == init[k].shape == (16, 1280)
+        assert not torch.equal(v, init[k]) and (v - init[k]).norm() < 0.1 * init[k].norm(), k  # two small steps
+    # units in forward order: stem conv, stem BN, the 16 MBConv blocks, head conv, head BN, then the classifier's
+    units = backbone_units(create_backbone("lite0").module)
+    kinds = [type(u).__name__ for u in units]
+    assert isinstance(units[0], nn.Conv2d) and isinstance(units[1], nn.BatchNorm2d)
+    assert kinds[2:18] == ["MBConvBlock"] * 16 and "MBConvBlock" not in kinds[18:]
+    assert isinstance(units[18], nn.Conv2d) and isinstance(units[19], nn.BatchNorm2d) and len(units) == 24
 
 
 def test_freeze_blocks_keeps_the_first_units(class_folders, tmp_path):

@@ -1,4 +1,7 @@
-"""The ``lookalike`` command line: one sub-command per verb, errors as one ``error: ...`` line."""
+"""The ``lookalike`` command line: one sub-command per verb, errors as one ``error: ...`` line.
+
+Each command parses its options and calls one function of :mod:`lookalike.api` with the same
+arguments; what it prints is the function's result. No logic of a verb lives here."""
 from __future__ import annotations
 
 import functools
@@ -90,21 +93,16 @@ def whiten_options(fn):
 
 
 def rerank_options(fn):
+    """``--rerank`` and one option per parameter of every registered re-ranking step
+    (:func:`lookalike.postprocess.rerank_parameters`), then the spatial verification options."""
+    from .postprocess import rerank_chain_help, rerank_parameters
+
     opts = [
         click.option("--rerank", default=None,
-                     help="Post-processing chain, in order: comma list of dba, qe (alpha-QE), aqe, then kr (k-reciprocal) "
-                          "or df (diffusion) last; or a JSON file written by `lookalike tune`."),
-        click.option("--dba-k", type=int, default=2, show_default=True),
-        click.option("--dba-alpha", type=float, default=3.0, show_default=True),
-        click.option("--qe-k", type=int, default=2, show_default=True),
-        click.option("--qe-alpha", type=float, default=3.0, show_default=True),
-        click.option("--k1", type=int, default=20, show_default=True, help="k-reciprocal neighbourhood."),
-        click.option("--k2", type=int, default=6, show_default=True, help="k-reciprocal local query expansion."),
-        click.option("--kr-lambda", type=float, default=0.3, show_default=True, help="Weight of the original distance."),
-        click.option("--df-k", type=int, default=30, show_default=True, help="Diffusion: gallery k-NN graph size."),
-        click.option("--df-query-k", type=int, default=10, show_default=True, help="Diffusion: query neighbours seeded."),
-        click.option("--df-alpha", type=float, default=0.99, show_default=True, help="Diffusion: walk continuation (0..1)."),
-        click.option("--df-gamma", type=float, default=3.0, show_default=True, help="Diffusion: similarity exponent."),
+                     help=f"Post-processing chain, in order: comma list of {rerank_chain_help()}; or a JSON file "
+                          "written by `lookalike tune`."),
+        *[click.option(p.option, p.name, type=p.type, default=p.default, show_default=True, help=p.help or None)
+          for p in rerank_parameters()],
         click.option("--spatial", default=None, help="Spatial verification of the top-N with local features: sift or orb "
                                                      "(needs pip install 'lookalike[spatial]')."),
         click.option("--spatial-top-n", type=int, default=20, show_default=True),
@@ -127,9 +125,10 @@ def _spatial_arg(kw: dict):
 
 
 def _rerank_arg(kw: dict):
+    from .postprocess import rerank_parameters
+
     steps = kw.pop("rerank")
-    params = {k: kw.pop(k) for k in ("dba_k", "dba_alpha", "qe_k", "qe_alpha", "k1", "k2", "kr_lambda",
-                                     "df_k", "df_query_k", "df_alpha", "df_gamma")}
+    params = {p.name: kw.pop(p.name) for p in rerank_parameters()}
     if steps is None:
         return None
     if steps.endswith(".json"):
@@ -144,6 +143,16 @@ def _index_config(kw: dict, factory: str):
                        pca_power=kw.pop("pca_power"), pca_shrinkage=kw.pop("pca_shrinkage"),
                        shard_size=kw.pop("shard_size", 0) or 0, nprobe=kw.pop("nprobe", None),
                        ef_search=kw.pop("ef_search", None))
+
+
+def format_option(fn):
+    """``--format``: one of the registered results formats (:mod:`lookalike.formats`)."""
+    from .formats import DEFAULT_FORMAT, results_formats
+
+    guesses = ", ".join(f"{x} = {f.name}" for f in results_formats() for x in f.suffixes)
+    names = ", ".join(f.name for f in results_formats())
+    return click.option("--format", "fmt", default=None,
+                        help=f"{names} (default: from the suffix, {guesses}; else {DEFAULT_FORMAT}).")(fn)
 
 
 def search_param_options(fn):
@@ -190,10 +199,9 @@ def main(ctx, verbose, quiet):
 @_handle_errors
 def extract(obj, images, output, **kw):
     """Extract features of IMAGES (folder or list file) into a feature store; resumes if interrupted."""
-    from .extract import Extractor
+    from .api import extract as _extract
 
-    ex = Extractor(**_extract_kwargs(kw))
-    res = ex.extract(images, output, progress=obj["progress"])
+    res = _extract(images, output, progress=obj["progress"], **_extract_kwargs(kw))
     click.echo(res.summary(Path(images).name or "images"))
     if res.skipped:
         click.echo(f"skipped files and reasons: {Path(output).with_name(Path(output).stem + '.skipped.csv')}")
@@ -211,10 +219,10 @@ def extract(obj, images, output, **kw):
 @_handle_errors
 def index(features, output, factory, image_root, **kw):
     """Build a faiss index folder from a feature store."""
-    from .index import build_index
+    from .api import build_index
 
-    col = build_index(features, output, _index_config(kw, factory), image_root=image_root)
-    extra = f", PCA-whitened to {col.manifest['dim']}" if col.transform is not None else ""
+    col = build_index(features, output, image_root=image_root, config=_index_config(kw, factory))
+    extra = f", PCA-whitened to {col.index_dim}" if col.transform is not None else ""
     click.echo(f"index: {len(col)} vectors of dimension {col.dim}{extra} ({factory}) -> {output}")
 
 
@@ -224,7 +232,7 @@ def index(features, output, factory, image_root, **kw):
 @click.option("--query-features", type=click.Path(dir_okay=False), default=None, help="Query feature store (.h5).")
 @click.option("-k", type=int, default=None, help="Results per query (default 10; NAIC: 100).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", default=None, help="digix, naic or csv (default: from the suffix, .json = naic).")
+@format_option
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where query features are cached.")
 @search_param_options
 @rerank_options
@@ -233,14 +241,10 @@ def index(features, output, factory, image_root, **kw):
 def search(obj, index_dir, queries, query_features, k, output, fmt, workdir, nprobe, ef_search, **kw):
     """Search INDEX_DIR with query images or query features and write a results file."""
     from .api import search as _search
-    from .index import load_collection
 
-    col = load_collection(index_dir)
-    if nprobe or ef_search:
-        col.set_search_params(nprobe, ef_search)
     res = _search(index_dir, queries=queries, query_features=query_features, output=output, k=k, format=fmt,
                   workdir=workdir, progress=obj["progress"], rerank=_rerank_arg(kw), spatial=_spatial_arg(kw),
-                  collection=col)
+                  nprobe=nprobe, ef_search=ef_search)
     if res.extract is not None:
         click.echo(res.extract.summary("queries"))
     click.echo(f"results: {len(res.query_names)} queries -> {output} ({res.format}) in {res.seconds:.1f} s")
@@ -250,7 +254,7 @@ def search(obj, index_dir, queries, query_features, k, output, fmt, workdir, npr
 @click.option("--gallery", required=True, type=click.Path(), help="Gallery images (folder or list file).")
 @click.option("--queries", required=True, type=click.Path(), help="Query images (folder or list file).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Results file.")
-@click.option("--format", "fmt", default=None, help="digix, naic or csv (default: from the suffix, .json = naic).")
+@format_option
 @click.option("-k", type=int, default=None, help="Results per query (default 10; NAIC: 100).")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Cache of features and index (default: beside the output).")
 @click.option("--factory", default="Flat", show_default=True, help="faiss index_factory string.")
@@ -389,12 +393,18 @@ def tune(obj, index_dir, labels, queries, query_features, self_, gallery_labels,
 @_handle_errors
 def train(obj, data, output, resume, no_augment, **kw):
     """Fine-tune an embedding (backbone + CGD head, margin loss) on class folders or a labels CSV."""
-    from .train import TrainConfig, train as _train
+    from .api import train as _train
 
-    best = _train(TrainConfig(data=data, output=output, augment=not no_augment, **kw), resume=resume, progress=obj["progress"])
+    best = _train(data, output, resume=resume, progress=obj["progress"], augment=not no_augment, **kw)
     click.echo(f"trained: best epoch {best.get('epoch')}, val score {best.get('val_score', float('nan')):.4f} "
                f"(top-1 {best.get('val_top1', float('nan')):.4f}, mAP@10 {best.get('val_mAP@10', float('nan')):.4f}) -> {output}; "
                f"use: lookalike extract IMAGES --model {output}")
+
+
+def _codec_methods() -> list[str]:
+    from .codec import METHODS
+
+    return list(METHODS)
 
 
 @main.group()
@@ -406,7 +416,7 @@ def codec():
 @click.argument("feats", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Codec file (.npz).")
 @click.option("--bytes", "nbytes", type=int, required=True, help="Bytes per vector (NAIC: 16, 32, 64, 128, 256).")
-@click.option("--method", type=click.Choice(["sq", "pq", "opq", "learned"]), default="opq", show_default=True,
+@click.option("--method", type=click.Choice(_codec_methods()), default="opq", show_default=True,
               help="opq: best measured at 16-64 B; sq: at 128-256 B (BENCHMARKS.md).")
 @click.option("--bits", type=click.Choice(["8", "4"]), default="8", show_default=True, help="sq: bits per dimension.")
 @click.option("--labels", type=click.Path(), default=None, help="CSV image,label or NAIC train_list.txt (learned codec).")
@@ -419,16 +429,12 @@ def codec():
 @_handle_errors
 def codec_fit(feats, output, nbytes, method, bits, labels, epochs, latent_dim, selection, seed):
     """Fit a codec on training features (a store .h5 or a folder of NAIC .dat files)."""
-    from .codec import Codec, load_features, load_labels_for
+    from .api import codec_fit as _fit
 
-    names, x, model_id = load_features(feats, with_model_id=True)
-    y = load_labels_for(names, labels) if labels else None
-    c = Codec(nbytes=nbytes, method=method, bits=int(bits), latent_dim=latent_dim, epochs=epochs, seed=seed,
-              selection=selection).fit(x, y)
-    c.model_id_ = model_id
-    c.save(output)
-    click.echo(f"codec: {method}, {nbytes} bytes per vector, {c.dim_}-d -> latent {c.latent_dim_}; fitted on {len(x)} "
-               f"vectors -> {output}")
+    c = _fit(feats, output, nbytes, method=method, bits=int(bits), labels=labels, epochs=epochs, latent_dim=latent_dim,
+             selection=selection, seed=seed)
+    click.echo(f"codec: {method}, {nbytes} bytes per vector, {c.dim_}-d -> latent {c.latent_dim_}; fitted on "
+               f"{c.fit_count_} vectors -> {output}")
 
 
 @codec.command("encode")
@@ -439,19 +445,10 @@ def codec_fit(feats, output, nbytes, method, bits, labels, epochs, latent_dim, s
 @_handle_errors
 def codec_encode(feats, codec_path, output, naic_dir):
     """Encode features to exactly B bytes each."""
-    from .codec import Codec, load_features, write_codes
-    from .formats import write_naic_codes
+    from .api import codec_encode as _encode
 
-    if not output and not naic_dir:
-        raise LookalikeError("give -o CODES and/or --naic-dir DIR")
-    c = Codec.load(codec_path)
-    names, x = load_features(feats)
-    codes = c.encode(x)
-    if output:
-        write_codes(output, codes, c, names)
-    if naic_dir:
-        write_naic_codes(naic_dir, names, codes)
-    click.echo(f"encoded {len(codes)} vectors at {c.nbytes} bytes -> {output or naic_dir}")
+    n = _encode(feats, codec_path, output, naic_dir)
+    click.echo(f"encoded {n} vectors -> {output or naic_dir}")
 
 
 @codec.command("decode")
@@ -462,18 +459,10 @@ def codec_encode(feats, codec_path, output, naic_dir):
 @_handle_errors
 def codec_decode(codes, codec_path, output, naic_dir):
     """Reconstruct features from a code file (or a folder of NAIC code .dat files)."""
-    from .codec import Codec, load_codes
-    from .formats import write_naic_features
-    from .store import write_store
+    from .api import codec_decode as _decode
 
-    c = Codec.load(codec_path)
-    names, arr = load_codes(codes, c)
-    feats = c.decode(arr)
-    write_store(output, names, feats, {"model": f"decoded:{c.method}", "codec": c.describe(), "model_id": "decoded",
-                                       "fingerprint": "decoded", "created_by": f"lookalike {__version__}"})
-    if naic_dir:
-        write_naic_features(naic_dir, names, feats)
-    click.echo(f"decoded {len(arr)} vectors -> {output}")
+    n = _decode(codes, codec_path, output, naic_dir)
+    click.echo(f"decoded {n} vectors -> {output}")
 
 
 @codec.command("index")
@@ -484,18 +473,10 @@ def codec_decode(codes, codec_path, output, naic_dir):
 @_handle_errors
 def codec_index(codes, codec_path, output, nlist):
     """Index the codes themselves (B bytes per image in memory) for `lookalike search --query-features`."""
-    from .codec import Codec, code_index, load_codes
-    from .index import Collection, save_collection
+    from .api import codec_index as _index
 
-    c = Codec.load(codec_path)
-    names, arr = load_codes(codes, c)
-    index = code_index(c, arr, nlist)
-    factory = f"codec:{c.method}{c.nbytes}" + (f",IVF{nlist}" if nlist else "")
-    manifest = dict(model_id=c.describe()["model_id"], model=f"codes:{c.method}", pooling="",
-                    dim=int(c.dim_), input_dim=int(c.dim_), count=len(arr), factory=factory, whitening=False,
-                    codec=c.describe(), created_by=f"lookalike {__version__}")
-    save_collection(Collection(index, list(names), manifest), output)
-    click.echo(f"indexed {len(arr)} codes ({c.nbytes} B each) -> {output}; search it with "
+    col = _index(codes, codec_path, output, nlist)
+    click.echo(f"indexed {len(col)} codes ({col.manifest['codec']['nbytes']} B each) -> {output}; search it with "
                f"`lookalike search {output} --query-features Q.h5`")
 
 
@@ -507,21 +488,17 @@ def codec_index(codes, codec_path, output, nlist):
 @_handle_errors
 def codec_evaluate(feats, codec_path, labels, json_out):
     """Reconstruction error and retrieval with reconstructed vs. original features."""
-    from ._io import write_json_atomic
-    from .codec import Codec, evaluate_codec, load_features, load_labels_for
+    from .api import codec_evaluate as _evaluate
 
-    c = Codec.load(codec_path)
-    names, x = load_features(feats)
-    m = evaluate_codec(c, x, load_labels_for(names, labels) if labels else None)
-    line = (f"{c.method} {c.nbytes} B: relative error {m['relative_squared_error']:.4f}, cosine {m['cosine_to_original']:.4f}")
+    m = _evaluate(feats, codec_path, labels, json_out)
+    line = (f"{m['method']} {m['nbytes']} B: relative error {m['relative_squared_error']:.4f}, "
+            f"cosine {m['cosine_to_original']:.4f}")
     if "digix_score" in m:
         line += (f"; top-1 {m['top1']:.4f} mAP@10 {m['mAP@10']:.4f} score {m['digix_score']:.4f} "
                  f"({100 * m['score_ratio']:.1f}% of float32 {m['digix_score_float32']:.4f})")
     else:
         line += f"; neighbour recall@10 {m['neighbour_recall@10']:.4f}"
     click.echo(line + f"; encode {m['encode_per_s']:.0f}/s, decode {m['decode_per_s']:.0f}/s")
-    if json_out:
-        write_json_atomic(json_out, m)
 
 
 @main.command()
@@ -530,9 +507,9 @@ def codec_evaluate(feats, codec_path, labels, json_out):
 @_handle_errors
 def sample(directory, variants):
     """Write a small demo set (gallery/, queries/, labels.csv) from the photos scikit-image ships."""
-    from .sample import make_sample
+    from .api import sample as _sample
 
-    info = make_sample(directory, variants=variants)
+    info = _sample(directory, variants=variants)
     click.echo(f"sample: {info['gallery']} gallery and {info['queries']} query photos in {directory} "
                f"(labels: {Path(directory) / 'labels.csv'})")
 
@@ -546,23 +523,10 @@ def sample(directory, variants):
 @_handle_errors
 def update(index_dir, add_store, remove_file):
     """Add rows to, or remove rows from, an index folder (rewritten atomically)."""
-    from .index import load_collection, save_collection
-    from .store import read_store
+    from .api import update as _update
 
-    if not add_store and not remove_file:
-        raise LookalikeError("nothing to do: give --add FEATS.h5 and/or --remove NAMES.txt")
-    col = load_collection(index_dir)
-    removed = added = 0
-    if remove_file:
-        names = [ln.strip() for ln in Path(remove_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        removed = col.remove(names)
-    if add_store:
-        st = read_store(add_store)
-        col.check_queries(st.features, st.model_id, str(add_store))
-        col.add(st.names, st.features)
-        added = len(st.names)
-    save_collection(col, index_dir)
-    click.echo(f"update: +{added} -{removed} -> {len(col)} vectors in {index_dir}")
+    added, removed, rows = _update(index_dir, add=add_store, remove=remove_file)
+    click.echo(f"update: +{added} -{removed} -> {rows} vectors in {index_dir}")
 
 
 @main.command()
@@ -575,13 +539,13 @@ def update(index_dir, add_store, remove_file):
 @_handle_errors
 def inspect(obj, images, labels, queries, near_radius, report):
     """Check a data set: counts, unreadable files, sizes, images per class, exact and near duplicates."""
-    from .inspection import InspectConfig, inspect_images, summary_lines, write_inspect_report
+    from .api import inspect as _inspect
 
-    r = inspect_images(InspectConfig(str(images), labels, queries, near_radius), progress=obj["progress"])
-    for line in summary_lines(r):
+    _, lines, page = _inspect(images, labels, queries, near_radius, report=report, progress=obj["progress"])
+    for line in lines:
         click.echo(line)
-    if report:
-        click.echo(f"report: {write_inspect_report(r, report)}")
+    if page:
+        click.echo(f"report: {page}")
 
 
 @main.command()
@@ -597,15 +561,11 @@ def inspect(obj, images, labels, queries, near_radius, report):
 @_handle_errors
 def serve(collection, host, port, max_upload_mb, timeout, api_key, k_max, threads):
     """Serve a collection (from `index` or `run`) over HTTP, with a search page at /."""
-    import importlib.util
-
-    if not (importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn")):
-        raise LookalikeError("serving needs FastAPI and uvicorn: pip install 'lookalike[serve]'") from None
-    from .serve import ServeConfig, serve as _serve
+    from .api import serve as _serve
 
     click.echo(f"serving {collection} on http://{host}:{port}/ (API docs: /docs); Ctrl-C stops", err=True)
-    _serve(collection, ServeConfig(host=host, port=port, max_upload_mb=max_upload_mb, timeout=timeout,
-                                   api_key=api_key, k_max=k_max, threads=threads))
+    _serve(collection, host=host, port=port, max_upload_mb=max_upload_mb, timeout=timeout, api_key=api_key,
+           k_max=k_max, threads=threads)
 
 
 if __name__ == "__main__":  # pragma: no cover

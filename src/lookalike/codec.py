@@ -10,33 +10,46 @@ Every codec is the same three parts:
    (``sq``), or product quantisation with ``B`` sub-quantisers of 256 centroids each (faiss k-means);
 3. the transposed map back (``latent @ P + mean``).
 
+This module owns the codec: the registry of methods (:func:`register_codec_method`; each entry
+declares the method's name, the id its code files store, its projection fitter and its quantiser),
+the :class:`Codec` itself, its two files (the ``.npz`` codec and the ``.codes`` code file), search in
+code space, and one plain function per ``lookalike codec`` verb (:func:`fit_file`,
+:func:`encode_file`, :func:`decode_file`, :func:`index_codes`, :func:`evaluate_file`) that the
+command line and the Python API call. :mod:`lookalike.codec_train` depends on this module, never the
+reverse: the ``learned`` entry names its fitter there by module path, imported only when a learned
+codec is fitted.
+
 Decoding is bit-for-bit reproducible on any machine: the projection and the latent values live on
 fixed-point grids (2^-18 and 2^-20 of the latent's range) small enough that every product and every
 partial sum of the float64 matrix product is exact, so no BLAS summation order can change a bit.
 Because the map is orthonormal, encode → decode → encode returns the same codes.
 
 Written by hand because no maintained library offers byte-exact codecs tuned for retrieval; faiss
-supplies k-means, PQ and OPQ training.
+supplies k-means, PQ and OPQ training. The method registry is a dict keyed by the file id: a plugin
+system (entry points) would add machinery for four built-in methods and the rare one a test or a
+user registers.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ._io import atomic_path
+from ._io import atomic_path, write_json_atomic
+from ._version import __version__
 from .errors import LookalikeError
-from .numeric import orthonormal_rows as _orthonormal_rows, pca_basis as _pca
+from .numeric import orthonormal_rows, pca_basis
 
 log = logging.getLogger(__name__)
 
-METHODS = ("sq", "pq", "opq", "learned")
 BUDGETS = (16, 32, 64, 128, 256)
 _MAGIC = b"LKCODE"
 _VERSION = 1
@@ -47,6 +60,100 @@ _LATENT_BITS = 20  # latent values: multiples of 2^(e - 20) where 2^e bounds the
 
 def _to_grid(x: np.ndarray, step: float) -> np.ndarray:
     return np.round(np.asarray(x, np.float64) / step) * step
+
+
+# ---------------------------------------------------------------------- methods: one registry entry each
+
+
+@dataclass(frozen=True)
+class CodecMethod:
+    """One codec method.
+
+    ``id`` is the byte every code file of this method stores in its header: it is fixed for good
+    (files written years ago must still load), so never renumber or reuse one. ``projection`` fits
+    the linear map: ``(codec, x, labels) -> (k, d) projection`` (orthonormal rows) or ``None`` for
+    the identity; it is called once ``codec.mean_`` and ``codec.dim_`` are set, and may record on
+    the codec (``latent_dim``, ``history_``). It may be given as ``"package.module:function"``,
+    imported at the first fit (so this module need not import the module that implements it).
+    ``quantiser`` is ``"pq"`` (``nbytes`` sub-quantisers of 256 centroids) or ``"scalar"``
+    (uniform 8- or 4-bit levels per latent dimension, ``nbytes * 8 / bits`` dimensions)."""
+
+    id: int
+    name: str
+    projection: Callable | str
+    quantiser: str = "pq"
+
+    def fit_projection(self, codec: "Codec", x: np.ndarray, labels) -> np.ndarray | None:
+        fn = self.projection
+        if isinstance(fn, str):
+            module, _, attr = fn.partition(":")
+            fn = getattr(importlib.import_module(module), attr)
+        return fn(codec, x, labels)
+
+
+_QUANTISERS = ("pq", "scalar")
+_METHODS_BY_ID: dict[int, CodecMethod] = {}
+METHODS: tuple[str, ...] = ()  # the registered names in id order (rebound by register_codec_method)
+
+
+def register_codec_method(method_id: int, name: str, projection: Callable | str, quantiser: str = "pq") -> CodecMethod:
+    """Make ``name`` a codec method (``Codec(method=name)``, ``--method name``) whose code files
+    store ``method_id`` (0..255). Registering the same entry again is a no-op; another method under
+    a taken id or name is an error."""
+    global METHODS
+    entry = CodecMethod(int(method_id), str(name), projection, quantiser)
+    if not 0 <= entry.id <= 255:
+        raise LookalikeError(f"codec method {name!r}: id {method_id} does not fit the code file's one byte (0..255)")
+    if quantiser not in _QUANTISERS:
+        raise LookalikeError(f"codec method {name!r}: unknown quantiser {quantiser!r}; use one of {', '.join(_QUANTISERS)}")
+    for other in _METHODS_BY_ID.values():
+        if other == entry:
+            return other
+        if other.id == entry.id or other.name == entry.name:
+            raise LookalikeError(f"codec method {name!r} (id {entry.id}) clashes with the registered "
+                                 f"{other.name!r} (id {other.id}): ids and names are unique and never change")
+    _METHODS_BY_ID[entry.id] = entry
+    METHODS = tuple(_METHODS_BY_ID[i].name for i in sorted(_METHODS_BY_ID))
+    return entry
+
+
+def codec_method(name: str) -> CodecMethod:
+    """The registered method called ``name`` (a clear error naming the known ones otherwise)."""
+    for entry in _METHODS_BY_ID.values():
+        if entry.name == name:
+            return entry
+    raise LookalikeError(f"unknown codec method {name!r}; use one of {', '.join(METHODS)}")
+
+
+def _method_by_id(method_id: int, where) -> CodecMethod:
+    if method_id not in _METHODS_BY_ID:
+        known = ", ".join(f"{m.name}={m.id}" for m in map(_METHODS_BY_ID.get, sorted(_METHODS_BY_ID)))
+        raise LookalikeError(f"{where}: written by codec method id {method_id}, which this lookalike does not know "
+                             f"(it knows {known}); encode the features again, or use the lookalike that wrote it")
+    return _METHODS_BY_ID[method_id]
+
+
+def _pca_projection(codec: "Codec", x: np.ndarray, labels) -> np.ndarray:
+    m = codec.nbytes * 8 // codec.bits
+    if m > x.shape[1]:
+        raise LookalikeError(f"{codec.nbytes} bytes at {codec.bits} bits hold {m} dimensions, more than the "
+                             f"features' {x.shape[1]}: use --method pq or fewer bytes")
+    return pca_basis(x - codec.mean_, m)
+
+
+def _identity_projection(codec: "Codec", x: np.ndarray, labels) -> None:
+    return None
+
+
+def _opq_projection(codec: "Codec", x: np.ndarray, labels) -> np.ndarray:
+    return opq_rotation(x - codec.mean_, codec.nbytes, codec.seed)
+
+
+# The built-in methods. Their ids are those of the files written before the registry existed.
+register_codec_method(0, "sq", _pca_projection, quantiser="scalar")
+register_codec_method(1, "pq", _identity_projection)
+register_codec_method(2, "opq", _opq_projection)
+register_codec_method(3, "learned", "lookalike.codec_train:fit_learned_projection")
 
 
 @dataclass
@@ -67,13 +174,12 @@ class Codec:
     history_: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise LookalikeError(f"unknown codec method {self.method!r}; use one of {', '.join(METHODS)}")
+        spec = codec_method(self.method)
         if not 1 <= self.nbytes <= 65536:
             raise LookalikeError(f"--bytes {self.nbytes}: give a budget of 1..65536 bytes per vector")
         if self.selection not in ("identities", "images"):
             raise LookalikeError(f"unknown selection {self.selection!r}; use identities (open set) or images (closed set)")
-        if self.method == "sq" and self.bits not in (4, 8):
+        if spec.quantiser == "scalar" and self.bits not in (4, 8):
             raise LookalikeError(f"scalar quantisation takes 8 or 4 bits, not {self.bits}")
 
     # ------------------------------------------------------------------ fitting
@@ -81,23 +187,13 @@ class Codec:
         x = np.asarray(x, np.float32)
         if x.ndim != 2 or len(x) < 2:
             raise LookalikeError(f"codec: need an (n, d) feature matrix with n >= 2, got shape {x.shape}")
-        n, d = x.shape
-        self.dim_ = d
+        self.dim_ = x.shape[1]
         self.mean_ = x.mean(axis=0).astype(np.float32)
-        xc = x - self.mean_
-        if self.method == "sq":
-            m = self.nbytes * 8 // self.bits
-            if m > d:
-                raise LookalikeError(f"{self.nbytes} bytes at {self.bits} bits hold {m} dimensions, more than the "
-                                     f"features' {d}: use --method pq or fewer bytes")
-            proj = _pca(xc, m)
-        elif self.method == "pq":
-            proj = None
-        elif self.method == "opq":
-            proj = _opq(xc, self.nbytes, self.seed)
-        else:
-            proj = self._fit_learned(x, labels)
+        proj = codec_method(self.method).fit_projection(self, x, labels)
         return self.fit_quantiser(x, proj)
+
+    def _scalar(self) -> bool:
+        return codec_method(self.method).quantiser == "scalar"
 
     def fit_quantiser(self, x: np.ndarray, proj: np.ndarray | None, mean: np.ndarray | None = None) -> "Codec":
         """Set the projection (None: identity) and fit the quantiser on the latent of ``x``."""
@@ -107,7 +203,7 @@ class Codec:
         self._set_projection(proj, self.dim_)
         z = self._latent(x)
         self.scale_exp_ = int(np.ceil(np.log2(max(float(np.abs(z).max()), 1e-30)))) + 1
-        if self.method == "sq":
+        if self._scalar():
             lo, hi = np.quantile(z, 0.001, axis=0), np.quantile(z, 0.999, axis=0)
             self.lo_ = _to_grid(lo, self._latent_step())
             self.step_ = _to_grid(np.maximum(hi - lo, 1e-12) / (2 ** self.bits - 1), self._latent_step() / 64)
@@ -135,15 +231,6 @@ class Codec:
             return out
         return xc @ self.proj_.T.astype(np.float32)
 
-    def _fit_learned(self, x: np.ndarray, labels) -> np.ndarray:
-        from .codec_train import choose_and_train_projection
-
-        if labels is not None and len(labels) != len(x):
-            raise LookalikeError(f"codec: {len(labels)} labels for {len(x)} feature rows")
-        proj, self.latent_dim, self.history_ = choose_and_train_projection(
-            x, self.mean_, labels, self.nbytes, self.latent_dim, self.epochs, self.seed, self.selection)
-        return proj
-
     # ------------------------------------------------------------------ coding
     def _check_fitted(self):
         if not hasattr(self, "mean_"):
@@ -156,9 +243,10 @@ class Codec:
         if x.ndim != 2 or x.shape[1] != self.dim_:
             raise LookalikeError(f"codec fitted on dimension {self.dim_}; got features of shape {x.shape}")
         out = np.empty((len(x), self.nbytes), np.uint8)
+        scalar = self._scalar()
         for s in range(0, len(x), chunk):
             z = self._latent(x[s : s + chunk]).astype(np.float64)
-            if self.method == "sq":
+            if scalar:
                 q = np.clip(np.round((z - self.lo_) / self.step_), 0, 2 ** self.bits - 1).astype(np.uint8)
                 out[s : s + chunk] = q if self.bits == 8 else (q[:, 0::2] << 4) | q[:, 1::2]
             else:
@@ -172,9 +260,10 @@ class Codec:
         if codes.ndim != 2 or codes.shape[1] != self.nbytes or codes.dtype != np.uint8:
             raise LookalikeError(f"codec expects (n, {self.nbytes}) uint8 codes, got {codes.dtype} {codes.shape}")
         out = np.empty((len(codes), self.dim_), np.float32)
+        scalar = self._scalar()
         for s in range(0, len(codes), chunk):
             c = codes[s : s + chunk]
-            if self.method == "sq":
+            if scalar:
                 q = c if self.bits == 8 else np.stack([c >> 4, c & 15], axis=2).reshape(len(c), -1)
                 z = _to_grid(self.lo_ + q.astype(np.float64) * self.step_, self._latent_step())
             else:
@@ -217,11 +306,15 @@ class Codec:
 
     @classmethod
     def load(cls, path) -> "Codec":
+        unknown = None  # a method name this process has not registered
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 if meta.get("kind") != "lookalike-codec":
                     raise KeyError("kind")
+                if meta["method"] not in METHODS:
+                    unknown = meta["method"]
+                    raise KeyError("method")
                 obj = cls(nbytes=meta["nbytes"], method=meta["method"], bits=meta["bits"], seed=meta.get("seed", 0))
                 obj.history_ = meta.get("history", [])
                 obj.dim_ = meta["dim"]
@@ -236,6 +329,9 @@ class Codec:
         except FileNotFoundError:
             raise LookalikeError(f"{path}: codec file not found; make one with `lookalike codec fit`") from None
         except (OSError, KeyError, ValueError) as e:
+            if unknown is not None:
+                raise LookalikeError(f"{path}: a codec of method {unknown!r}, which this lookalike does not know (it "
+                                     f"knows {', '.join(METHODS)}); use the lookalike that made it") from None
             raise LookalikeError(f"{path}: not a lookalike codec ({type(e).__name__}); make one with `lookalike codec fit`") from None
         return obj
 
@@ -243,7 +339,10 @@ class Codec:
 # ---------------------------------------------------------------------- the pieces
 
 
-def _opq(xc: np.ndarray, m_sub: int, seed: int) -> np.ndarray:
+def opq_rotation(xc: np.ndarray, m_sub: int, seed: int) -> np.ndarray:
+    """faiss's OPQ rotation for ``m_sub`` sub-quantisers of the centred rows ``xc``, as orthonormal
+    rows ``(d2, d)`` (``d2``: ``d`` rounded up to a multiple of ``m_sub``; trained on at most 65536
+    rows drawn with ``seed``)."""
     import faiss
 
     d = xc.shape[1]
@@ -258,7 +357,7 @@ def _opq(xc: np.ndarray, m_sub: int, seed: int) -> np.ndarray:
     sample = _sample(xc, 65536, seed)
     opq.train(np.ascontiguousarray(sample, np.float32))
     A = faiss.vector_to_array(opq.A).reshape(d2, d)
-    return _orthonormal_rows(A)
+    return orthonormal_rows(A)
 
 
 def _sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -309,15 +408,13 @@ def _pq_assign(z: np.ndarray, cents: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------- the code file
 
-_METHOD_IDS = {m: i for i, m in enumerate(METHODS)}
-
 
 def write_codes(path, codes: np.ndarray, codec: Codec, names: list[str] | None = None) -> None:
     """Header (magic, version, method, bits, bytes per vector, count, dimension, codec id, CRC-32 of
     the payload) then ``n × B`` bytes; names, when given, in ``PATH.names.txt``."""
     codes = np.ascontiguousarray(codes, np.uint8)
     payload = codes.tobytes()
-    header = _HEADER.pack(_MAGIC, _VERSION, _METHOD_IDS[codec.method], codec.bits, codec.nbytes, len(codes),
+    header = _HEADER.pack(_MAGIC, _VERSION, codec_method(codec.method).id, codec.bits, codec.nbytes, len(codes),
                           codec.dim_, codec.codec_id(), zlib.crc32(payload))
     with atomic_path(path, suffix=".codes") as tmp:
         Path(tmp).write_bytes(header + payload)
@@ -337,6 +434,7 @@ def read_codes(path, codec: Codec | None = None) -> tuple[np.ndarray, list[str] 
     magic, version, method, bits, nbytes, count, dim, cid, crc = _HEADER.unpack_from(data)
     if version != _VERSION:
         raise LookalikeError(f"{path}: code file version {version}; this lookalike reads version {_VERSION}")
+    spec = _method_by_id(method, path)
     payload = data[_HEADER.size:]
     if len(payload) != count * nbytes:
         raise LookalikeError(f"{path}: truncated or padded: {len(payload)} payload bytes for {count} codes of "
@@ -344,7 +442,7 @@ def read_codes(path, codec: Codec | None = None) -> tuple[np.ndarray, list[str] 
     if zlib.crc32(payload) != crc:
         raise LookalikeError(f"{path}: checksum mismatch (the file is corrupt); encode the features again")
     if codec is not None and (cid != codec.codec_id() or nbytes != codec.nbytes):
-        raise LookalikeError(f"{path}: made by another codec ({METHODS[method]}, {nbytes} bytes); decode it with "
+        raise LookalikeError(f"{path}: made by another codec ({spec.name}, {nbytes} bytes); decode it with "
                              "the codec that encoded it")
     codes = np.frombuffer(payload, np.uint8).reshape(count, nbytes).copy()
     names_path = Path(str(path) + ".names.txt")
@@ -366,9 +464,10 @@ def code_index(codec: Codec, codes: np.ndarray, nlist: int = 0, seed: int = 0):
     import faiss
 
     codec._check_fitted()
-    if codec.method == "sq":
-        raise LookalikeError("searching in code space needs a PQ codec (pq, opq or learned); decode sq codes and use "
-                             "`lookalike index`")
+    if codec._scalar():
+        pq = [m for m in METHODS if codec_method(m).quantiser == "pq"]
+        raise LookalikeError(f"searching in code space needs a PQ codec ({', '.join(pq[:-1])} or {pq[-1]}); decode "
+                             f"{codec.method} codes and use `lookalike index`")
     m, ksub, dsub = codec.centroids_.shape
     dz = m * dsub
     z = codec.centroids_[np.arange(m)[None, :], codes.astype(np.int64)].reshape(len(codes), dz).astype(np.float32)
@@ -472,3 +571,87 @@ def evaluate_codec(codec: Codec, feats: np.ndarray, labels=None) -> dict:
     else:
         out["neighbour_recall@10"] = neighbour_recall(l2n(feats), l2n(rec))
     return out
+
+
+# ---------------------------------------------------------------------- one function per `lookalike codec` verb
+# (no printing: the command line prints, the Python API returns)
+
+
+def fit_file(feats, output, nbytes: int, method: str = "opq", bits: int = 8, labels=None, epochs: int = 30,
+             latent_dim: int | None = None, selection: str = "identities", seed: int = 0) -> Codec:
+    """``lookalike codec fit``: fit a codec on the features at ``feats`` (a store .h5 or a folder of
+    NAIC .dat files; ``labels``: a CSV ``image,label`` or a NAIC ``train_list.txt``) and save it to
+    ``output`` (.npz). Returns the fitted codec; its ``fit_count_`` is the number of training
+    vectors (for the report; not saved in the file)."""
+    names, x, model_id = load_features(feats, with_model_id=True)
+    y = load_labels_for(names, labels) if labels else None
+    c = Codec(nbytes=nbytes, method=method, bits=int(bits), latent_dim=latent_dim, epochs=epochs, seed=seed,
+              selection=selection).fit(x, y)
+    c.model_id_ = model_id
+    c.save(output)
+    c.fit_count_ = len(x)
+    return c
+
+
+def encode_file(feats, codec_path, output=None, naic_dir=None) -> int:
+    """``lookalike codec encode``: encode the features at ``feats`` with the codec at ``codec_path``
+    to a code file ``output`` and/or one ``NAME.dat`` of exactly B bytes per vector in ``naic_dir``.
+    Returns the number of vectors encoded."""
+    from .formats import write_naic_codes
+
+    if not output and not naic_dir:
+        raise LookalikeError("give -o CODES and/or --naic-dir DIR")
+    c = Codec.load(codec_path)
+    names, x = load_features(feats)
+    codes = c.encode(x)
+    if output:
+        write_codes(output, codes, c, names)
+    if naic_dir:
+        write_naic_codes(naic_dir, names, codes)
+    return len(codes)
+
+
+def decode_file(codes, codec_path, output, naic_dir=None) -> int:
+    """``lookalike codec decode``: reconstruct the features of a code file (or a folder of NAIC code
+    .dat files) into the feature store ``output`` (.h5) and, with ``naic_dir``, NAIC float32 .dat
+    files. Returns the number of vectors decoded."""
+    from .formats import write_naic_features
+    from .store import write_store
+
+    c = Codec.load(codec_path)
+    names, arr = load_codes(codes, c)
+    feats = c.decode(arr)
+    write_store(output, names, feats, {"model": f"decoded:{c.method}", "codec": c.describe(), "model_id": "decoded",
+                                       "fingerprint": "decoded", "created_by": f"lookalike {__version__}"})
+    if naic_dir:
+        write_naic_features(naic_dir, names, feats)
+    return len(arr)
+
+
+def index_codes(codes, codec_path, output, nlist: int = 0):
+    """``lookalike codec index``: a collection folder ``output`` searching the codes themselves
+    (:func:`code_index`; ``nlist > 0``: IVF-PQ) for ``lookalike search --query-features``. Returns
+    the saved collection."""
+    from .collection import Collection, new_manifest
+
+    c = Codec.load(codec_path)
+    names, arr = load_codes(codes, c)
+    index = code_index(c, arr, nlist)
+    factory = f"codec:{c.method}{c.nbytes}" + (f",IVF{nlist}" if nlist else "")
+    manifest = new_manifest(attrs={"model_id": c.describe()["model_id"], "model": f"codes:{c.method}"},
+                            dim=c.dim_, input_dim=c.dim_, count=len(arr), factory=factory, codec=c.describe())
+    col = Collection(index, list(names), manifest)
+    col.save(output)
+    return col
+
+
+def evaluate_file(feats, codec_path, labels=None, json_out=None) -> dict:
+    """``lookalike codec evaluate``: :func:`evaluate_codec` of the codec at ``codec_path`` on the
+    features at ``feats`` (retrieval metrics with ``labels``), also written to ``json_out`` when
+    given. Returns the metrics (with the codec's ``method`` and ``nbytes``)."""
+    c = Codec.load(codec_path)
+    names, x = load_features(feats)
+    m = evaluate_codec(c, x, load_labels_for(names, labels) if labels else None)
+    if json_out:
+        write_json_atomic(json_out, m)
+    return m

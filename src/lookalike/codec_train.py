@@ -19,6 +19,10 @@ as in NAIC re-ID); with ``selection="images"`` a fifth of every identity's image
 gallery holds the training classes, as in the grocery protocol) — and the winner is refitted on
 everything. Fisher LDA is a few lines of numpy (scikit-learn's would add a
 dependency for the same eigenproblem).
+
+This module depends on :mod:`lookalike.codec` (the PQ quantiser scores candidates, OPQ is one of
+them), never the reverse: the ``learned`` entry of the codec registry names
+:func:`fit_learned_projection` by module path, so it is imported only when a learned codec is fitted.
 """
 from __future__ import annotations
 
@@ -26,7 +30,22 @@ import logging
 
 import numpy as np
 
+from .codec import Codec, opq_rotation
+from .errors import LookalikeError
+from .numeric import orthonormal_rows, pca_basis
+
 log = logging.getLogger(__name__)
+
+
+def fit_learned_projection(codec: Codec, x: np.ndarray, labels) -> np.ndarray:
+    """The ``learned`` method's projection fitter (see :class:`lookalike.codec.CodecMethod`):
+    :func:`choose_and_train_projection` with the codec's settings; records the chosen latent size
+    in ``codec.latent_dim`` and the selection (and training) in ``codec.history_``."""
+    if labels is not None and len(labels) != len(x):
+        raise LookalikeError(f"codec: {len(labels)} labels for {len(x)} feature rows")
+    proj, codec.latent_dim, codec.history_ = choose_and_train_projection(
+        x, codec.mean_, labels, codec.nbytes, codec.latent_dim, codec.epochs, codec.seed, codec.selection)
+    return proj
 
 
 def _holdout(n: int, labels, seed: int, by: str = "identities") -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +82,6 @@ def discriminant_basis(xc: np.ndarray, labels, m: int, reg: float = 0.1, fill: s
     #classes − 1), then (``fill="pca"``) the top principal directions of the remainder or
     (``fill="zero"``) zero rows: latent dimensions that carry nothing, so the reconstruction keeps
     only the discriminant subspace."""
-    from .codec import _orthonormal_rows, _pca
-
     xc = np.asarray(xc, np.float64)
     n, d = xc.shape
     classes, y = np.unique(np.asarray(labels), return_inverse=True)
@@ -80,13 +97,13 @@ def discriminant_basis(xc: np.ndarray, labels, m: int, reg: float = 0.1, fill: s
     whiten = evecs / np.sqrt(np.maximum(evals, 1e-12))
     e2, u = np.linalg.eigh(whiten.T @ sb @ whiten)
     r = min(m, len(classes) - 1, d)
-    basis = _orthonormal_rows((whiten @ u[:, np.argsort(e2)[::-1][:r]]).T) if r > 0 else np.zeros((0, d))
+    basis = orthonormal_rows((whiten @ u[:, np.argsort(e2)[::-1][:r]]).T) if r > 0 else np.zeros((0, d))
     if m > r and fill == "zero":
         basis = np.vstack([basis, np.zeros((m - r, d))])
     elif m > r:
         rest = xc - (xc @ basis.T) @ basis
-        basis = np.vstack([basis, _pca(rest, m - r)])
-    return _orthonormal_rows(basis)
+        basis = np.vstack([basis, pca_basis(rest, m - r)])
+    return orthonormal_rows(basis)
 
 
 def train_projection(xc: np.ndarray, mean: np.ndarray, labels, m: int, epochs: int, seed: int,
@@ -95,14 +112,12 @@ def train_projection(xc: np.ndarray, mean: np.ndarray, labels, m: int, epochs: i
     import torch.nn.functional as F
     from torch import nn
 
-    from .codec import _pca
-
     torch.manual_seed(seed)
     X = torch.from_numpy(np.ascontiguousarray(xc, np.float32))
     mu = torch.from_numpy(np.asarray(mean, np.float32))
     lin = nn.Linear(X.shape[1], m, bias=False)
     with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy((_pca(xc, m) if init is None else init).astype(np.float32)))
+        lin.weight.copy_(torch.from_numpy((pca_basis(xc, m) if init is None else init).astype(np.float32)))
     nn.utils.parametrizations.orthogonal(lin)
     params = list(lin.parameters())
     cos = None
@@ -147,23 +162,19 @@ def train_projection(xc: np.ndarray, mean: np.ndarray, labels, m: int, epochs: i
 
 
 def _candidate(kind: str, xc: np.ndarray, labels, m: int, nbytes: int, seed: int) -> np.ndarray:
-    from .codec import _opq, _pca
-
     if kind == "pca":
-        return _pca(xc, m)
+        return pca_basis(xc, m)
     if kind == "lda":
         return discriminant_basis(xc, labels, m, fill="zero")
     if kind == "lda+pca":
         return discriminant_basis(xc, labels, m, fill="pca")
-    return _opq(xc, nbytes, seed)
+    return opq_rotation(xc, nbytes, seed)
 
 
 def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes: int, latent_dim: int | None,
                                 epochs: int, seed: int, selection: str = "identities") -> tuple[np.ndarray, int, list]:
     """Score every candidate (kind, m) on held-out identities, fine-tune the best, keep whichever
     scores higher, and refit that recipe on all of ``x``. Returns (projection, m, history)."""
-    from .codec import Codec, _orthonormal_rows
-
     d = x.shape[1]
     xc = x - mean
     ms = [latent_dim] if latent_dim else [m for m in (nbytes, 2 * nbytes, 4 * nbytes, 8 * nbytes, 16 * nbytes) if m <= d] or [nbytes]
@@ -183,7 +194,7 @@ def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes:
     best = choices[-1]
     if len(tr) >= 256 and len(va) >= 20:
         def score(proj):
-            c = Codec(nbytes=nbytes, method="pq", seed=seed).fit_quantiser(x[tr], _orthonormal_rows(proj), mean)
+            c = Codec(nbytes=nbytes, method="pq", seed=seed).fit_quantiser(x[tr], orthonormal_rows(proj), mean)
             return _retrieval_score(x[va], c.decode(c.encode(x[va])), None if lab is None else lab[va])
 
         protos = {}
@@ -195,16 +206,16 @@ def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes:
         if epochs and best[1] != "opq":
             m, kind = best
             tuned, _ = train_projection(xc[tr], mean, None if lab is None else lab[tr], m, epochs, seed,
-                                        init=_orthonormal_rows(protos[best]))
+                                        init=orthonormal_rows(protos[best]))
             scores[(m, kind + "+trained")] = score(tuned)
             log.info("learned codec, %d B: latent %d, %s fine-tuned: held-out score %.4f", nbytes, m, kind,
                      scores[(m, kind + "+trained")])
             if scores[(m, kind + "+trained")] > scores[best]:
                 best = (m, kind + "+trained")
     m, kind = best
-    proj = _candidate(kind.split("+")[0], xc, lab, m, nbytes, seed)
+    proj = _candidate(kind.removesuffix("+trained"), xc, lab, m, nbytes, seed)  # "lda+pca" stays "lda+pca"
     history: list = []
     if kind.endswith("+trained"):
-        proj, history = train_projection(xc, mean, lab, m, epochs, seed, init=_orthonormal_rows(proj))
+        proj, history = train_projection(xc, mean, lab, m, epochs, seed, init=orthonormal_rows(proj))
     history = [{"selection": {f"{mm}/{kk}": v for (mm, kk), v in scores.items()}, "chosen": f"{m}/{kind}"}] + history
-    return _orthonormal_rows(proj), m, history
+    return orthonormal_rows(proj), m, history

@@ -72,7 +72,7 @@ def list_images(source: str | os.PathLike) -> list[ImageEntry]:
     return entries
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; transparency is composited over white."""
     if im.mode == "RGB":
         return im
@@ -116,7 +116,7 @@ def load_image(path, min_side: int | None = None, max_pixels: int | None = None)
                 im.load()
                 if im.getexif().get(0x0112, 1) != 1:  # transposing copies the image: only when needed
                     im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+                return to_rgb(im)
     except BadImage:
         raise
     except UnidentifiedImageError:

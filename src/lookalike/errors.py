@@ -12,3 +12,12 @@ def comma_choices(value, choices: tuple[str, ...], what: str) -> tuple[str, ...]
     if bad:
         raise LookalikeError(f"unknown {what} {bad[0]!r}; use a comma list of {', '.join(choices)}")
     return items
+
+
+def check_k(k: int, n_gallery: int) -> int:
+    """``k`` results per query from a gallery of ``n_gallery``: 1..n_gallery, else a one-line error."""
+    if k < 1:
+        raise LookalikeError(f"k must be at least 1, got {k}")
+    if k > n_gallery:
+        raise LookalikeError(f"k={k} is larger than the gallery ({n_gallery} images); use -k {n_gallery} or less")
+    return k

@@ -28,7 +28,9 @@ from .catalog import BUILTIN_POOLINGS, is_lite, is_trained_model, lite_weights_f
 from .data import BadImage, ImageEntry, Preprocess, list_images, load_image
 from .errors import LookalikeError, comma_choices
 from .numeric import l2n
+from .onnx_models import ort_session
 from .paths import cache_dir
+from .formats import write_skipped_csv
 from .store import read_attrs, read_store, write_store
 
 log = logging.getLogger(__name__)
@@ -299,21 +301,6 @@ class TorchRunner:
             return self.model(x).float().cpu().numpy()
 
 
-def ort_session(onnx_path: Path, threads: int = 0):
-    """An onnxruntime session set up for extraction (CUDA when present, idle threads do not spin)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or os.cpu_count() or 1
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    # idle inference threads must not spin: the decode threads need those cores between batches
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(onnx_path), so, providers=providers)
-
-
 class OnnxRunner:
     """onnxruntime on the exported graph (uint8 NHWC in, pooled descriptors out)."""
 
@@ -396,12 +383,14 @@ class Extractor:
     each L2-normalised, are scaled by their weights and concatenated.
     """
 
-    def __init__(self, config: ExtractConfig | None = None, **overrides):
+    def __init__(self, config: ExtractConfig | None = None, member_dims: list[int] | None = None, **overrides):
+        """``member_dims``: the members' output dimensions when already known (saves running each
+        model once on a dummy image to learn them)."""
         self.config = replace(config or ExtractConfig(), **overrides)
         self._runner = None
         self.engine = None
         self._members = [Extractor(m) for m in self.config.members()] if self.config.is_ensemble else None
-        self._dims: list[int] | None = None
+        self._dims: list[int] | None = list(member_dims) if member_dims else None
 
     # --- network
     def build_embedder(self):
@@ -529,12 +518,12 @@ class Extractor:
 
     def embed_images(self, images) -> np.ndarray:
         """PIL images (any mode) -> (n, d) features."""
-        from .data import _to_rgb
+        from .data import to_rgb
 
-        return self.embed_prepared([self.prepare(_to_rgb(im)) for im in images])
+        return self.embed_prepared([self.prepare(to_rgb(im)) for im in images])
 
     # --- files to a store
-    def _prepare_or_reason(self, entry: ImageEntry):
+    def prepare_or_reason(self, entry: ImageEntry):
         try:
             return self.prepare_file(entry.path)
         except BadImage as e:
@@ -549,10 +538,10 @@ class Extractor:
         self.runner  # build before the decode threads start
         ex = ThreadPoolExecutor(max_workers=self.config.workers or os.cpu_count() or 1)
         try:
-            pending = [ex.submit(self._prepare_or_reason, e) for e in chunks[0]]
+            pending = [ex.submit(self.prepare_or_reason, e) for e in chunks[0]]
             for ci, chunk in enumerate(chunks):
                 futs = pending
-                pending = [ex.submit(self._prepare_or_reason, e) for e in chunks[ci + 1]] if ci + 1 < len(chunks) else []
+                pending = [ex.submit(self.prepare_or_reason, e) for e in chunks[ci + 1]] if ci + 1 < len(chunks) else []
                 good, good_names, bad = [], [], []
                 for e, f in zip(chunk, futs):
                     r = f.result()
@@ -637,6 +626,8 @@ class Extractor:
         for i, n in enumerate(names):
             arr, row = have[n]
             features[i] = arr[row]
+        if c.dtype == "float16":  # what the store holds, so a run in memory equals one read back from disk
+            features = features.astype(np.float16).astype(np.float32)
         result.features = features
         if not self._members:
             self._dims = [dim]
@@ -688,22 +679,6 @@ class Extractor:
                 have[str(n)] = (feats, i)
             last = max(last, int(p.stem.split("-")[1]))
         return last + 1
-
-
-def write_skipped_csv(path: Path, skipped: list[tuple[str, str]] | dict[str, list[tuple[str, str]]]) -> None:
-    """``image,reason`` rows for one set, or ``set,image,reason`` for a dict {set name: rows}."""
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    if isinstance(skipped, dict):
-        w.writerow(["set", "image", "reason"])
-        w.writerows([set_name, name, reason] for set_name, rows in skipped.items() for name, reason in rows)
-    else:
-        w.writerow(["image", "reason"])
-        w.writerows(skipped)
-    write_text_atomic(path, buf.getvalue())
 
 
 def extract(images, output=None, config: ExtractConfig | None = None, progress: bool = False, **overrides) -> ExtractResult:

@@ -204,13 +204,26 @@ def native_input(name: str) -> tuple[int, str]:
     return spec.size, spec.resize
 
 
+def ort_session(onnx_path: Path, threads: int = 0):
+    """An onnxruntime session set up for extraction (CUDA when present, idle threads do not spin)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    # idle inference threads must not spin: the decode threads need those cores between batches
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(onnx_path), so, providers=providers)
+
+
 class OnnxEmbedRunner:
     """onnxruntime on an embedding graph: uint8 NHWC batches converted to its input convention."""
 
     def __init__(self, model: ResolvedModel, threads: int = 0):
         import onnxruntime as ort
-
-        from .extract import ort_session
 
         self.spec = model.spec
         try:

@@ -9,15 +9,22 @@ and its code with one deliberate difference: distances are the squared Euclidean
 L2-normalised features, ``d = 2 - 2·cos``, used as they are (the public code divides each column
 by its maximum, which needs every pairwise distance). Diffusion (Iscen et al., CVPR 2017) is
 written here for the same reason: its public code builds the dense affinity matrix.
+
+The chain (``RerankConfig`` + ``rerank``) is a registry, one ``register_rerank_step`` entry per
+step (name, final or not, the function, its parameters with type, default, CLI help and the values
+``tune`` tries): the config, the dispatch, ``tune``'s grid and the CLI options are generated from
+it. ``RerankConfig`` is a hand-written class rather than a dataclass because its fields are the
+registered parameters; it keeps the flat JSON of the dataclass it replaced.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
-from .errors import LookalikeError, comma_choices
+from .errors import LookalikeError, check_k, comma_choices
 from .numeric import covariance_spectrum, knn, l2n  # noqa: F401  (knn, l2n: re-exported for callers)
 
 
@@ -237,8 +244,7 @@ def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, k
     q = l2n(queries)
     g = l2n(gallery)
     nq, ng = len(q), len(g)
-    if k > ng:
-        raise LookalikeError(f"k={k} is larger than the gallery ({ng} images)")
+    check_k(k, ng)
     x = np.concatenate([q, g])
     n = len(x)
     kk = max(k1 + 1, k2, 2)
@@ -348,8 +354,7 @@ def diffusion_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, grap
     O(n·graph_k + max_cells); no n × n matrix. Returns ``(scores, indices)``, best first."""
     q, g = l2n(queries), l2n(gallery)
     nq, ng = len(q), len(g)
-    if k > ng:
-        raise LookalikeError(f"k={k} is larger than the gallery ({ng} images)")
+    check_k(k, ng)
     S = graph if graph is not None else gallery_graph(g, graph_k, gamma)
     qs, qi = knn(q, g, min(query_k, ng))
     yv = np.power(np.clip(qs, 0, None), gamma)
@@ -390,59 +395,271 @@ def _cg(S, Y: np.ndarray, alpha: float, iters: int, tol: float = 1e-6) -> np.nda
     return X
 
 
-# ------------------------------------------------------------------ composing a chain
+# ------------------------------------------------------------------ composing a chain: the step registry
+#
+# Every re-ranking step is one `register_rerank_step` call below: its name, whether it produces the
+# final ranking, the function that applies it, its parameters (type, default, CLI help, the values
+# `lookalike tune` tries). RerankConfig, rerank(), tune's grid and the CLI's options are all
+# generated from the registry; nothing else needs editing to add a step.
 
-RERANK_STEPS = ("dba", "qe", "aqe", "kr", "df")
-FINAL_STEPS = ("kr", "df")
+
+@dataclass(frozen=True)
+class RerankParam:
+    """One setting of a re-ranking step: a keyword of :class:`RerankConfig`, a key of its JSON
+    (``to_dict``) and a CLI option (:attr:`option`, ``--name-with-dashes``)."""
+
+    name: str
+    type: type  # int or float: how the CLI parses it
+    default: int | float
+    help: str = ""  # one line for the CLI's --help
+    tune: tuple = ()  # the values the default grid of `lookalike tune` tries; () = only the default
+    tune_below_gallery: bool = False  # the grid skips values >= the gallery size (neighbour counts)
+    step: str = ""  # the step that owns it; filled in by register_rerank_step
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
-@dataclass
+@dataclass(frozen=True)
+class RerankStep:
+    """A registered step. ``apply(queries, gallery, k, config)`` gets L2-normalised float32 arrays
+    and the :class:`RerankConfig` (its parameters as attributes, any step's, e.g. ``aqe`` reads
+    ``qe_k``); a ``final`` step returns the ranking ``(scores, indices)``, shape (n_queries, k),
+    best first, any other step the new ``(queries, gallery)`` (L2-normalised)."""
+
+    name: str
+    apply: Callable
+    final: bool = False
+    params: tuple[RerankParam, ...] = ()  # the parameters it owns
+    label: str = ""  # shown after the name in messages and help: "qe (alpha-QE)"
+    tune: bool = True  # in tune's default grid (with every combination of its params' ``tune`` values)
+
+
+_STEPS: dict[str, RerankStep] = {}
+_PARAMS: dict[str, RerankParam] = {}  # every registered parameter, in to_dict / CLI order
+RERANK_STEPS: tuple[str, ...] = ()  # the registered step names (rebound by register/unregister)
+FINAL_STEPS: tuple[str, ...] = ()  # those that produce the ranking
+
+
+def _sync_names() -> None:
+    global RERANK_STEPS, FINAL_STEPS
+    RERANK_STEPS = tuple(_STEPS)
+    FINAL_STEPS = tuple(n for n, s in _STEPS.items() if s.final)
+
+
+def register_rerank_step(name: str, apply: Callable, *, final: bool = False, params=(), label: str = "",
+                         tune: bool = True) -> RerankStep:
+    """Add a step usable in ``--rerank``/``RerankConfig(steps=...)``, by ``rerank()``, in tune's grid
+    and (through :func:`rerank_parameters`) as CLI options. ``params``: :class:`RerankParam` (or
+    dicts of their fields) owned by this step; their names must be new."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise LookalikeError(f"re-ranking step name {name!r}: use a Python identifier (letters, digits, _)")
+    if name in _STEPS:
+        raise LookalikeError(f"re-ranking step {name!r} is already registered")
+    if not callable(apply):
+        raise LookalikeError(f"re-ranking step {name!r}: apply must be callable")
+    owned = []
+    for prm in params:
+        prm = prm if isinstance(prm, RerankParam) else RerankParam(**prm)
+        if not prm.name.isidentifier() or prm.name == "steps" or hasattr(RerankConfig, prm.name):
+            raise LookalikeError(f"re-ranking parameter {prm.name!r}: not an identifier, or a RerankConfig attribute")
+        if prm.name in _PARAMS or prm.name in (o.name for o in owned):
+            raise LookalikeError(f"re-ranking parameter {prm.name!r} already exists"
+                                 f" (step {_PARAMS[prm.name].step if prm.name in _PARAMS else name})")
+        if not isinstance(prm.default, prm.type):
+            raise LookalikeError(f"re-ranking parameter {prm.name!r}: default {prm.default!r} is not {prm.type.__name__}")
+        owned.append(replace(prm, step=name, tune=tuple(prm.tune)))
+    step = RerankStep(name, apply, bool(final), tuple(owned), label, bool(tune))
+    _STEPS[name] = step
+    _PARAMS.update((o.name, o) for o in owned)
+    _sync_names()
+    return step
+
+
+def unregister_rerank_step(name: str) -> None:
+    """Remove a step and its parameters (for tests and plugins that replace one)."""
+    step = rerank_step(name)
+    del _STEPS[name]
+    for prm in step.params:
+        _PARAMS.pop(prm.name, None)
+    _sync_names()
+
+
+def rerank_step(name: str) -> RerankStep:
+    try:
+        return _STEPS[name]
+    except KeyError:
+        raise LookalikeError(f"unknown re-ranking step {name!r}; use one of {', '.join(_STEPS)}") from None
+
+
+def rerank_steps() -> tuple[RerankStep, ...]:
+    """The registered steps, in registration order."""
+    return tuple(_STEPS.values())
+
+
+def rerank_parameters() -> tuple[RerankParam, ...]:
+    """Every step's parameters, in registration order (the order of ``RerankConfig.to_dict``);
+    the CLI makes one option of each: ``prm.option``, ``type=prm.type``, ``default=prm.default``,
+    ``help=prm.help``."""
+    return tuple(_PARAMS.values())
+
+
+def _named(step: RerankStep) -> str:
+    return f"{step.name} ({step.label})" if step.label else step.name
+
+
+def rerank_chain_help() -> str:
+    """The steps for the help of ``--rerank``: "dba, qe (alpha-QE), aqe, then kr (k-reciprocal) or df
+    (diffusion) last"."""
+    body = ", ".join(_named(s) for s in _STEPS.values() if not s.final)
+    finals = " or ".join(_named(s) for s in _STEPS.values() if s.final)
+    return f"{body}, then {finals} last" if body and finals else body or f"{finals} last"
+
+
 class RerankConfig:
     """A post-processing chain, applied in order: ``dba`` changes the gallery, ``qe``/``aqe``
-    the queries, ``kr`` (k-reciprocal) or ``df`` (diffusion), last, the ranking itself."""
+    the queries, ``kr`` (k-reciprocal) or ``df`` (diffusion), last, the ranking itself.
 
-    steps: tuple[str, ...] = ()
-    dba_k: int = 2
-    dba_alpha: float = 3.0
-    qe_k: int = 2
-    qe_alpha: float = 3.0
-    k1: int = 20
-    k2: int = 6
-    kr_lambda: float = 0.3
-    df_k: int = 30
-    df_query_k: int = 10
-    df_gamma: float = 3.0
-    df_alpha: float = 0.99
-    df_iters: int = 20
+    ``RerankConfig(steps=(), **params)``: ``steps`` a comma string or a sequence of registered step
+    names; ``params`` any registered parameter (:func:`rerank_parameters`), the others at their
+    defaults, all readable and settable as attributes (``cfg.dba_k``). Not a dataclass since the
+    parameters come from the registry; ``to_dict()`` (flat: ``steps`` then every parameter), ``==``
+    and ``repr`` are those the dataclass it replaces had, so files written before load unchanged.
+    """
 
-    def __post_init__(self):
-        self.steps = comma_choices(self.steps, RERANK_STEPS, "re-ranking step")
-        finals = [st for st in self.steps if st in FINAL_STEPS]
+    __hash__ = None  # mutable, like the dataclass it replaces
+
+    def __init__(self, steps=(), **params):
+        unknown = [n for n in params if n not in _PARAMS]
+        if unknown:
+            raise TypeError(f"RerankConfig: unknown parameter {unknown[0]!r}; known: {', '.join(_PARAMS)}")
+        object.__setattr__(self, "_params", {n: params.get(n, prm.default) for n, prm in _PARAMS.items()})
+        self.steps = comma_choices(steps, RERANK_STEPS, "re-ranking step")
+        finals = [st for st in self.steps if _STEPS[st].final]
         if len(finals) > 1 or (finals and self.steps[-1] != finals[0]):
-            raise LookalikeError("kr (k-reciprocal) and df (diffusion) produce the final ranking: "
-                                 "use one of them and put it last in --rerank")
+            names = [_named(s) for s in _STEPS.values() if s.final]
+            who = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+            raise LookalikeError(f"{who} produce the final ranking: use one of them and put it last in --rerank")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RerankConfig":
+        """From ``to_dict()`` output; keys of no registered parameter (other versions) are ignored."""
+        return cls(**{k: v for k, v in d.items() if k == "steps" or k in _PARAMS})
+
+    def __getattr__(self, name):  # only called for names that are not ordinary attributes
+        if not name.startswith("_"):
+            params = self.__dict__.get("_params", {})
+            if name in params:
+                return params[name]
+            if name in _PARAMS:  # registered after this config was made
+                return _PARAMS[name].default
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        if name in _PARAMS or name in self.__dict__.get("_params", {}):
+            self._params[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    @property
+    def params(self) -> dict:
+        """A copy of the parameter values, {name: value}."""
+        return dict(self._params)
+
+    def replace(self, **changes) -> "RerankConfig":
+        """A new config with ``changes`` (steps and/or parameters) applied."""
+        kept = {k: v for k, v in self._params.items() if k in _PARAMS}
+        return type(self)(**{"steps": self.steps, **kept, **changes})
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
+        return {"steps": list(self.steps), **self._params}
 
-        d = asdict(self)
-        d["steps"] = list(self.steps)
-        return d
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self.steps, self._params) == (other.steps, other._params)
+
+    def __repr__(self) -> str:
+        fields = [f"steps={self.steps!r}", *(f"{k}={v!r}" for k, v in self._params.items())]
+        return f"{type(self).__qualname__}({', '.join(fields)})"
+
+
+def as_rerank_config(rerank) -> RerankConfig | None:
+    """None, a comma list of steps, a dict, a RerankConfig, or a JSON file written by `tune`
+    (``{"rerank": {...}}``, or the dict itself); None when the chain has no steps."""
+    if rerank is None or isinstance(rerank, RerankConfig):
+        return rerank if rerank is None or rerank.steps else None
+    if isinstance(rerank, dict):
+        return as_rerank_config(RerankConfig.from_dict(rerank))
+    text = str(rerank)
+    if text.endswith(".json"):
+        import json
+        from pathlib import Path
+
+        try:
+            data = json.loads(Path(text).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LookalikeError(f"{text}: cannot read a re-ranking config ({type(e).__name__}); write one with `lookalike tune`") from None
+        return as_rerank_config(data.get("rerank", data))
+    return as_rerank_config(RerankConfig(steps=text))
 
 
 def rerank(queries: np.ndarray, gallery: np.ndarray, k: int, config: RerankConfig) -> tuple[np.ndarray, np.ndarray]:
     """Run the chain and return the final ``(scores, indices)``, best first."""
     q, g = l2n(queries), l2n(gallery)
-    if k > len(g):
-        raise LookalikeError(f"k={k} is larger than the gallery ({len(g)} images)")
-    for step in config.steps:
-        if step == "dba":
-            g = dba(g, config.dba_k, config.dba_alpha)
-        elif step in ("qe", "aqe"):
-            q = alpha_qe(q, g, config.qe_k, 0.0 if step == "aqe" else config.qe_alpha)
-        elif step == "kr":
-            return k_reciprocal_rerank(q, g, k, config.k1, config.k2, config.kr_lambda)
-        elif step == "df":
-            return diffusion_rerank(q, g, k, config.df_k, config.df_query_k, config.df_gamma, config.df_alpha,
-                                    config.df_iters)
+    check_k(k, len(g))
+    for name in config.steps:
+        step = rerank_step(name)
+        if step.final:
+            return step.apply(q, g, k, config)
+        q, g = step.apply(q, g, k, config)
     return knn(q, g, k)
+
+
+# ------------------------------------------------------------------ the built-in steps
+
+
+def _apply_dba(q, g, k, c):
+    return q, dba(g, c.dba_k, c.dba_alpha)
+
+
+def _apply_qe(q, g, k, c):
+    return alpha_qe(q, g, c.qe_k, c.qe_alpha), g
+
+
+def _apply_aqe(q, g, k, c):
+    return alpha_qe(q, g, c.qe_k, 0.0), g
+
+
+def _apply_kr(q, g, k, c):
+    return k_reciprocal_rerank(q, g, k, c.k1, c.k2, c.kr_lambda)
+
+
+def _apply_df(q, g, k, c):
+    return diffusion_rerank(q, g, k, c.df_k, c.df_query_k, c.df_gamma, c.df_alpha, c.df_iters)
+
+
+register_rerank_step("dba", _apply_dba, params=(
+    RerankParam("dba_k", int, 2, "DBA: gallery neighbours averaged into each gallery vector (itself included).",
+                tune=(2, 3, 5)),
+    RerankParam("dba_alpha", float, 3.0, "DBA: similarity exponent of the weights (0: plain mean).", tune=(0.0, 3.0)),
+))
+register_rerank_step("qe", _apply_qe, label="alpha-QE", params=(
+    RerankParam("qe_k", int, 2, "Query expansion (qe, aqe): gallery neighbours added to each query.", tune=(1, 2, 3, 5)),
+    RerankParam("qe_alpha", float, 3.0, "qe: similarity exponent of the weights (aqe: 0).", tune=(0.0, 3.0)),
+))
+# average QE is qe with qe_alpha=0 (its k is qe_k), which the grid already tries
+register_rerank_step("aqe", _apply_aqe, tune=False)
+register_rerank_step("kr", _apply_kr, final=True, label="k-reciprocal", params=(
+    RerankParam("k1", int, 20, "k-reciprocal neighbourhood.", tune=(10, 20), tune_below_gallery=True),
+    RerankParam("k2", int, 6, "k-reciprocal local query expansion.", tune=(3, 6)),
+    RerankParam("kr_lambda", float, 0.3, "Weight of the original distance.", tune=(0.1, 0.3, 0.6)),
+))
+register_rerank_step("df", _apply_df, final=True, label="diffusion", params=(
+    RerankParam("df_k", int, 30, "Diffusion: gallery k-NN graph size.", tune=(10, 20, 50), tune_below_gallery=True),
+    RerankParam("df_query_k", int, 10, "Diffusion: query neighbours seeded.", tune=(5, 10)),
+    RerankParam("df_gamma", float, 3.0, "Diffusion: similarity exponent."),
+    RerankParam("df_alpha", float, 0.99, "Diffusion: walk continuation (0..1).", tune=(0.9, 0.99)),
+    RerankParam("df_iters", int, 20, "Diffusion: conjugate-gradient iterations at most."),
+))

@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 class _Embed:
     """A Ray Data actor: decodes its batch's files and embeds them with one model."""
 
-    def __init__(self, config: dict, threads: int, dim: int):
-        from .extract import ExtractConfig, Extractor
+    def __init__(self, make_extractor, config, threads: int, dim: int):
+        from dataclasses import replace
 
-        cfg = ExtractConfig.from_dict({**config, "executor": "local", "threads": threads, "workers": threads})
-        self.extractor = Extractor(cfg)
+        # the extractor's own class and settings (passed in: this module does not import extract)
+        self.extractor = make_extractor(replace(config, executor="local", threads=threads, workers=threads))
         from concurrent.futures import ThreadPoolExecutor
 
         self.extractor.runner  # load the model once per actor
@@ -43,7 +43,7 @@ class _Embed:
         from .data import ImageEntry
 
         entries = [ImageEntry(str(n), Path(str(p))) for n, p in zip(batch["name"], batch["path"])]
-        prepared = list(self.pool.map(self.extractor._prepare_or_reason, entries))
+        prepared = list(self.pool.map(self.extractor.prepare_or_reason, entries))
         good = [i for i, r in enumerate(prepared) if not isinstance(r, str)]
         feats = self.extractor.embed_prepared([prepared[i] for i in good]) if good else None
         out = np.zeros((len(entries), self.dim), np.float32)  # rows of unreadable files stay zero
@@ -97,7 +97,7 @@ def ray_chunks(extractor, chunks):
             logging.getLogger(name).setLevel(logging.WARNING)
     items = [{"chunk": ci, "name": e.name, "path": str(e.path)} for ci, chunk in enumerate(chunks) for e in chunk]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // max(1, c.batch_size), 4 * actors)))
-    ds = ds.map_batches(_Embed, fn_constructor_kwargs=dict(config=c.to_dict(), threads=threads, dim=dim), batch_size=c.batch_size,
+    ds = ds.map_batches(_Embed, fn_constructor_kwargs=dict(make_extractor=type(extractor), config=c, threads=threads, dim=dim), batch_size=c.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0,
                         num_cpus=0 if gpus else threads, batch_format="numpy")
     log.info("ray: %d actor(s) x %d thread(s)%s", actors, threads, f", {gpus} GPU(s)" if gpus else "")

@@ -12,7 +12,6 @@ Image composition is Pillow's, plots are matplotlib's; the page is plain HTML wi
 from __future__ import annotations
 
 import html
-import json
 import logging
 from pathlib import Path
 
@@ -25,29 +24,6 @@ from .errors import LookalikeError
 log = logging.getLogger(__name__)
 
 GREEN, RED, BLUE, GREY = (46, 160, 67), (211, 47, 47), (30, 136, 229), (200, 200, 200)
-
-
-def image_roots_from_config(results) -> tuple[Path | None, Path | None, dict | None]:
-    """(query root, gallery root, extract config) read from ``RESULTS.config.json`` when
-    ``run`` or ``search`` wrote one; missing parts are None."""
-    cfg_path = Path(str(results) + ".config.json")
-    if not cfg_path.exists():
-        return None, None, None
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None, None, None
-    q = cfg.get("queries")
-    q = Path(q) if q and not str(q).endswith((".h5", ".hdf5")) else None
-    if cfg.get("command") == "run":
-        return q, Path(cfg["gallery"]), cfg.get("extract")
-    if cfg.get("command") == "search" and cfg.get("index"):
-        man = Path(cfg["index"]) / "manifest.json"
-        if man.exists():
-            m = json.loads(man.read_text(encoding="utf-8"))
-            root = m.get("image_root")
-            return q, Path(root) if root else None, m.get("extract_config")
-    return q, None, None
 
 
 def _resolver(root: Path | None):
@@ -116,11 +92,12 @@ def rank_histogram(first_correct: np.ndarray, k: int, path: Path) -> None:
     plt.close(fig)
 
 
-def cam_model(extract_config):
-    """(embedding network, preprocessing) for :func:`grad_cam`: built once per report."""
+def cam_model(extract_config=None):
+    """(embedding network, preprocessing) for :func:`grad_cam`: built once per report;
+    ``extract_config``: an ``ExtractConfig`` (default: the default model)."""
     from .extract import ExtractConfig, Extractor
 
-    cfg = extract_config if isinstance(extract_config, ExtractConfig) else ExtractConfig.from_dict(extract_config or {})
+    cfg = extract_config or ExtractConfig()
     if cfg.is_ensemble:  # the maps of the first torch member (an ONNX embedding model has no gradients here)
         torch_members = [m for m in cfg.members() if m.kind in ("backbone", "trained")]
         if not torch_members:

@@ -343,3 +343,19 @@ def default_cache_dir() -> Path:
     from .paths import cache_dir
 
     return cache_dir() / "local-features"
+
+
+def spatial_rerank_collection(col, query_source, query_names, scores: np.ndarray, ids: np.ndarray, spatial,
+                              cache_dir=None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`spatial_rerank` of search results against a collection's gallery images; ``spatial``:
+    a :class:`SpatialConfig` or a dict of its fields."""
+    from .data import list_images
+
+    cfg = spatial if isinstance(spatial, SpatialConfig) else SpatialConfig(**(spatial if isinstance(spatial, dict) else {}))
+    if col.image_root is None:
+        raise LookalikeError("spatial verification needs the image files: search with --queries and an index built "
+                             "by `run` or with `lookalike index --image-root GALLERY_DIR`")
+    qpath = {e.name: e.path for e in list_images(query_source)}
+    s2, i2, _ = spatial_rerank([qpath[n] for n in query_names], col.row_paths(), scores, ids, cfg,
+                               cache_dir=cache_dir or default_cache_dir())
+    return s2, i2

@@ -13,6 +13,7 @@ sees a half-written file; resumable extraction keeps its progress in a ``.parts`
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -50,6 +51,17 @@ class FeatureStore:
 
 def _decode(a) -> list[str]:
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in a]
+
+
+@contextlib.contextmanager
+def open_rows(path: str | os.PathLike):
+    """``(names, features dataset)`` of a store, read lazily (slices of the dataset are read on
+    demand): for galleries larger than memory (building an index in shards)."""
+    read_attrs(path)  # a clear error for a missing or unreadable file
+    with h5py.File(path, "r") as f:
+        if "features" not in f or "names" not in f:
+            raise LookalikeError(f"{path}: missing 'features' or 'names'; not a lookalike feature store")
+        yield _decode(f["names"][()]), f["features"]
 
 
 def read_attrs(path: str | os.PathLike) -> dict:

@@ -34,7 +34,7 @@ from torch import nn
 from PIL import Image, ImageEnhance
 
 from ._io import atomic_path, write_json_atomic
-from .data import BadImage, IMAGE_EXTENSIONS, load_image
+from .data import BadImage, list_images, load_image
 from .errors import LookalikeError
 from .metrics import leave_one_out
 from .catalog import write_model_meta
@@ -100,11 +100,11 @@ def list_labelled(data) -> list[tuple[Path, str]]:
         return [(data.parent / k, v) for k, v in read_labels(data).items()]
     if not data.is_dir():
         raise LookalikeError(f"{data}: no such folder or labels CSV")
-    items = []
-    for cls in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for p in sorted(cls.rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
-                items.append((p, cls.name))
+    try:
+        entries = list_images(data)  # the one way images are found (sorted, hidden files skipped)
+    except LookalikeError:
+        entries = []
+    items = [(e.path, e.name.split("/", 1)[0]) for e in entries if "/" in e.name]  # the first folder is the class
     if not items:
         raise LookalikeError(f"{data}: no class folders with images; expected DATA/<class>/<image>.jpg or a CSV image,label")
     return items
@@ -479,7 +479,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = False) -> dic
                             "elapsed": time.perf_counter() - t_start, "history": json.dumps(history)}, tmp)
             _write_history(out, history)
             if skipped:
-                from .extract import write_skipped_csv
+                from .formats import write_skipped_csv
 
                 write_skipped_csv(out / "skipped.csv", sorted(skipped.items()))
             if cfg.patience and bad_epochs >= cfg.patience:

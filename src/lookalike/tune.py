@@ -1,37 +1,49 @@
 """Grid search of post-processing chains on a labelled validation split (``lookalike tune``).
 
 Tune with validation photos as queries against the gallery, never with the test queries; the best
-chain is written as JSON that ``search``/``run --rerank FILE`` accept.
+chain is written as JSON that ``search``/``run --rerank FILE`` accept. The grid is generated from
+the re-ranking step registry (``postprocess.register_rerank_step``: which steps are tried, with
+which values), not written out here.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import replace
 
 import numpy as np
 
 from .errors import LookalikeError
 from .metrics import retrieval_metrics
 from .numeric import knn, l2n
-from .postprocess import FINAL_STEPS, RerankConfig, rerank
+from .postprocess import RerankConfig, RerankStep, rerank, rerank_steps
+
+
+def step_grid(step: RerankStep, n_gallery: int) -> list[dict]:
+    """Every combination of the ``tune`` values of the step's parameters (the first parameter
+    varying slowest); values of ``tune_below_gallery`` parameters must be < ``n_gallery``."""
+    tuned = [p for p in step.params if p.tune]
+    return [dict(zip((p.name for p in tuned), values)) for values in itertools.product(*(p.tune for p in tuned))
+            if all(v < n_gallery for p, v in zip(tuned, values) if p.tune_below_gallery)]
 
 
 def default_grid(n_gallery: int) -> list[RerankConfig]:
-    """No post-processing, DBA, αQE/AQE, their combinations, k-reciprocal and diffusion."""
+    """No post-processing; each step that changes gallery or queries (DBA, αQE/AQE) alone, then
+    every chain of two or more of them (in registration order, all combinations of their values);
+    each final step (k-reciprocal, diffusion) alone. Generated from the step registry: the
+    steps with ``tune=True`` and their parameters' ``tune`` values."""
+    steps = [s for s in rerank_steps() if s.tune]
+    values = {s.name: step_grid(s, n_gallery) for s in steps}
+    expansions = [s for s in steps if not s.final]
     grid = [RerankConfig()]
-    dbas = [RerankConfig(("dba",), dba_k=k, dba_alpha=a) for k in (2, 3, 5) for a in (0.0, 3.0)]
-    qes = [RerankConfig(("qe",), qe_k=k, qe_alpha=a) for k in (1, 2, 3, 5) for a in (0.0, 3.0)]
-    grid += dbas + qes
-    for d, q in itertools.product(dbas, qes):
-        grid.append(replace(q, steps=("dba", "qe"), dba_k=d.dba_k, dba_alpha=d.dba_alpha))
-    krs = [dict(k1=k1, k2=k2, kr_lambda=lam) for k1 in (10, 20) for k2 in (3, 6) for lam in (0.1, 0.3, 0.6)
-           if k1 < n_gallery]
-    for kr in krs:
-        grid.append(RerankConfig(("kr",), **kr))
-    for gk, qk, a in itertools.product((10, 20, 50), (5, 10), (0.9, 0.99)):
-        if gk < n_gallery:
-            grid.append(RerankConfig(("df",), df_k=gk, df_query_k=qk, df_alpha=a))
+    for s in expansions:
+        grid += [RerankConfig((s.name,), **v) for v in values[s.name]]
+    for size in range(2, len(expansions) + 1):
+        for chain in itertools.combinations(expansions, size):
+            for combo in itertools.product(*(values[s.name] for s in chain)):
+                grid.append(RerankConfig(tuple(s.name for s in chain), **{k: v for d in combo for k, v in d.items()}))
+    for s in steps:
+        if s.final:
+            grid += [RerankConfig((s.name,), **v) for v in values[s.name]]
     return grid
 
 
@@ -61,15 +73,17 @@ def tune(queries: np.ndarray, gallery: np.ndarray, query_labels, gallery_labels,
     for cfg in grid:
         results.append((cfg, score(cfg)))
     if with_kr_on_best:
-        # the best k-reciprocal and the best diffusion, each after the best expansion chain
-        best_exp = max((r for r in results if r[0].steps and not set(r[0].steps) & set(FINAL_STEPS)),
+        # each final step (k-reciprocal, diffusion) with its best settings, after the best expansion chain
+        finals = [s for s in rerank_steps() if s.final]
+        final_names = {s.name for s in finals}
+        best_exp = max((r for r in results if r[0].steps and not set(r[0].steps) & final_names),
                        key=lambda r: r[1]["digix_score"], default=None)
-        for final in FINAL_STEPS:
-            best_final = max((r for r in results if final in r[0].steps), key=lambda r: r[1]["digix_score"], default=None)
+        for final in finals:
+            best_final = max((r for r in results if final.name in r[0].steps), key=lambda r: r[1]["digix_score"],
+                             default=None)
             if best_exp and best_final:
-                params = {f: getattr(best_final[0], f) for f in
-                          (("k1", "k2", "kr_lambda") if final == "kr" else ("df_k", "df_query_k", "df_gamma", "df_alpha"))}
-                cfg = replace(best_exp[0], steps=best_exp[0].steps + (final,), **params)
+                params = {p.name: getattr(best_final[0], p.name) for p in final.params}
+                cfg = best_exp[0].replace(steps=best_exp[0].steps + (final.name,), **params)
                 results.append((cfg, score(cfg)))
     results.sort(key=lambda r: -r[1]["digix_score"])
     return results

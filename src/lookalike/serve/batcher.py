@@ -1,0 +1,41 @@
+"""Micro-batching of concurrent searches: one faiss call answers every request that is waiting."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+
+class Batcher:
+    """Collects concurrent search requests (up to ``max_batch``, waiting at most ``wait`` seconds
+    after the first) and answers them with one call of ``run(features, ks)``."""
+
+    def __init__(self, run, max_batch: int = 64, wait: float = 0.002):
+        self.run, self.max_batch, self.wait = run, max_batch, wait
+        self.queue: "queue.Queue" = queue.Queue()
+        threading.Thread(target=self._loop, name="lookalike-search-batcher", daemon=True).start()
+
+    def submit(self, feat: np.ndarray, k: int) -> Future:
+        fut: Future = Future()
+        self.queue.put((feat, k, fut))
+        return fut
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                results = self.run(np.vstack([b[0] for b in batch]), [b[1] for b in batch])
+                for (_, _, fut), res in zip(batch, results):
+                    fut.set_result(res)
+            except BaseException as e:  # every waiting request gets the error, the loop goes on
+                for _, _, fut in batch:
+                    fut.set_exception(e)

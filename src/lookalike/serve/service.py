@@ -1,0 +1,195 @@
+"""The service behind the HTTP routes: a :class:`~lookalike.collection.Collection`, the query
+embedder and a lock. Rows are added and removed only through ``Collection.add`` / ``remove``
+(journaled, so a restart replays them); this module adds upload checks and thumbnails."""
+from __future__ import annotations
+
+import io
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+
+from ..errors import LookalikeError
+from .batcher import Batcher
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- /]{0,199}$")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = 10.0  # request bodies above this get 413
+    timeout: float = 30.0  # seconds per request before 504
+    api_key: str | None = None  # when set, POST/DELETE /items need the header X-API-Key
+    k_max: int = 100
+    thumb_size: int = 256
+    max_pixels: int = 40_000_000  # decompression-bomb guard for uploads
+    threads: int = 0  # inference threads (0 = all cores)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes of an upload -> RGB image, judged by content (not the file name or content type);
+    decoded by :func:`lookalike.data.load_image`, its reasons mapped to HTTP statuses."""
+    from ..data import BadImage, TooManyPixels, load_image
+
+    if not data:
+        raise HTTPError(400, "empty upload: send an image file in the form field 'file'")
+    try:
+        return load_image(io.BytesIO(data), max_pixels=max_pixels)
+    except TooManyPixels as e:
+        raise HTTPError(413, str(e)) from None
+    except BadImage as e:
+        raise HTTPError(415, f"{e}; send a JPEG, PNG, WebP, BMP, GIF or TIFF file") from None
+
+
+def check_name(name: str) -> str:
+    """A client-chosen item name: relative POSIX path, no '..', no hidden parts, image suffix."""
+    from ..data import IMAGE_EXTENSIONS
+
+    parts = PurePosixPath(name).parts
+    if (not _NAME_RE.match(name) or any(p in (".", "..") or p.startswith(".") for p in parts)
+            or "//" in name or name.endswith("/")):
+        raise HTTPError(400, f"invalid name {name!r}: use letters, digits, '_', '-', '.', '/' (no '..', no leading '/')")
+    if not name.lower().endswith(IMAGE_EXTENSIONS):
+        raise HTTPError(400, f"invalid name {name!r}: end it with an image suffix such as .jpg")
+    return name
+
+
+def thumbnail_url(name: str) -> str:
+    return f"/images/{quote(name, safe='/')}"
+
+
+class SearchService:
+    """The collection, the query embedder and one lock around every use of the collection."""
+
+    def __init__(self, collection_dir, config: ServeConfig | None = None, extractor=None):
+        from ..collection import Collection
+        from ..extract import Extractor
+
+        self.config = config or ServeConfig()
+        self.path = Path(collection_dir)
+        self.col = Collection.open(self.path)  # replays the journal
+        self.extractor = extractor or Extractor(
+            self.col.extract_config(**({"threads": self.config.threads} if self.config.threads else {})))
+        self.model_id = self.extractor.config.model_id()
+        self.lock = threading.Lock()
+        self.counters = dict(searches=0, adds=0, deletes=0, errors=0)
+        self.started = time.time()
+        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._batcher = Batcher(self._search_block)
+        # build the model runner now: the first request must not pay for it (nor time out on it)
+        self.extractor.embed_images([Image.new("RGB", (64, 64), (127, 127, 127))])
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.col)
+
+    def embed(self, img: Image.Image) -> np.ndarray:
+        feat = self.extractor.embed_images([img])
+        self.col.check_queries(feat, self.model_id, "upload")
+        return feat
+
+    def search(self, img: Image.Image, k: int) -> list[dict]:
+        if not 1 <= k <= self.config.k_max:
+            raise HTTPError(422, f"k must be between 1 and {self.config.k_max}, got {k}")
+        feat = self.embed(img)
+        return self._batcher.submit(feat, k).result()
+
+    def _search_block(self, feats: np.ndarray, ks: list[int]) -> list[list[dict]]:
+        """One search for every waiting request (a (b, d) product is several times faster per
+        query than b single-row searches)."""
+        with self.lock:
+            live = len(self.col)
+            self.counters["searches"] += len(ks)
+            if live == 0:
+                return [[] for _ in ks]
+            scores, idx = self.col.search(feats, min(max(ks), live))
+            names = self.col.names
+            out = []
+            for row, k in enumerate(ks):
+                hits = [dict(name=names[j], score=round(float(s), 6), thumbnail=thumbnail_url(names[j]))
+                        for s, j in zip(scores[row], idx[row]) if j >= 0]
+                out.append(hits[:k])
+        return out
+
+    def add(self, name: str, data: bytes, img: Image.Image) -> dict:
+        check_name(name)
+        with self.lock:
+            if name in self.col.row_of:
+                raise HTTPError(409, f"{name!r} is already in the collection; DELETE /items/{name} first or choose another name")
+        feat = self.embed(img)
+        with self.lock:
+            if name in self.col.row_of:
+                raise HTTPError(409, f"{name!r} is already in the collection")
+            try:
+                self.col.add([name], feat, record=True, files={name: data})
+            except LookalikeError as e:
+                raise HTTPError(409, str(e)) from None
+            self._thumbs.pop(name, None)
+            self.counters["adds"] += 1
+            return dict(name=name, count=len(self.col), thumbnail=thumbnail_url(name))
+
+    def delete(self, name: str) -> dict:
+        with self.lock:
+            if name not in self.col.row_of:
+                raise HTTPError(404, f"no item named {name!r}")
+            self.col.remove([name], record=True)
+            self._thumbs.pop(name, None)
+            self.counters["deletes"] += 1
+            return dict(deleted=name, count=len(self.col))
+
+    def image_path(self, name: str) -> Path:
+        with self.lock:
+            try:
+                return self.col.image_path(name)
+            except LookalikeError as e:
+                raise HTTPError(404, str(e)) from None
+
+    def thumbnail(self, name: str) -> bytes:
+        with self.lock:
+            hit = self._thumbs.get(name)
+            if hit is not None:
+                self._thumbs.move_to_end(name)
+                return hit
+        from ..data import BadImage, load_image
+
+        path = self.image_path(name)
+        try:
+            img = load_image(path, min_side=self.config.thumb_size)
+        except BadImage as e:
+            raise HTTPError(404, f"image file of {name!r} cannot be read: {e}") from None
+        img.thumbnail((self.config.thumb_size, self.config.thumb_size))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        data = buf.getvalue()
+        with self.lock:
+            if name in self.col.row_of:
+                self._thumbs[name] = data
+                while len(self._thumbs) > 2048:
+                    self._thumbs.popitem(last=False)
+        return data
+
+    def stats(self) -> dict:
+        m = self.col.manifest
+        with self.lock:
+            return dict(items=len(self.col), added=len(self.col.items), deleted=len(self.col.deleted),
+                        dim=self.col.dim, model=m.get("model"), pooling=m.get("pooling"), factory=m.get("factory"),
+                        whitening=bool(m.get("whitening")), collection=str(self.path),
+                        uptime_s=round(time.time() - self.started, 1), **self.counters)
