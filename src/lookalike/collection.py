@@ -162,16 +162,12 @@ class Collection:
         if config is not None:
             self.config = config
         self._compact()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-        try:
+
+        def write(tmp: Path) -> "Collection":
             faiss.write_index(self.index, str(tmp / "index.faiss"))
-            self._write_files(tmp)
-            _swap_in(tmp, out_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        self.path = out_dir
+            return self
+
+        write_new(out_dir, write)
         return out_dir
 
     def _write_files(self, folder: Path) -> None:

@@ -219,7 +219,7 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     skipped_csv = output.with_name("skipped.csv")
     write_skipped_csv(skipped_csv, {"gallery": g.skipped, "queries": q.skipped})
     write_json_atomic(output.with_name(output.name + ".config.json"),
-                      {"command": "run", **asdict(config), "index_dir": str(index_dir), "spatial": spatial or None,
+                      {"command": "run", **asdict(config), "index_dir": str(index_dir.resolve()), "spatial": spatial or None,
                        "choice": {k2: v for k2, v in choice.to_dict().items() if k2 != "table"} if choice else None})
     if choice is not None:
         write_json_atomic(output.with_name(output.name + ".selection.json"),
