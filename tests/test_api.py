@@ -15,3 +15,15 @@ def test_sample_and_python_api(tmp_path):
     # the search API on the cached index equals run's ranking
     s = lookalike.search(res.index_dir, queries=tmp_path / "demo" / "queries", k=10)
     assert np.array_equal(s.indices, res.search.indices)
+    # a service's changes to run's cached collection are neither applied to a rerun nor thrown away
+    from lookalike.collection import Collection
+
+    col = Collection.open(res.index_dir)
+    gone = col.names[int(res.search.indices[0, 0])]
+    col.remove([gone], record=True)
+    col.add(["served.jpg"], np.asarray(s.extract.features[:1]), record=True, files={"served.jpg": b"x"})
+    again = lookalike.run(tmp_path / "demo" / "gallery", tmp_path / "demo" / "queries", tmp_path / "r2.csv", image_size=96)
+    assert np.array_equal(again.search.indices, res.search.indices)
+    assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "r2.csv").read_bytes()
+    kept = Collection.open(res.index_dir)
+    assert gone not in kept.live_names() and "served.jpg" in kept.live_names()

@@ -90,9 +90,25 @@ def test_journal_torn_last_line_and_damage(gallery, tmp_path):
         f.write(b'{"op":"add","name":"torn.jpg","feat')  # a power cut mid-write
     again = Collection.open(tmp_path / "c")
     assert "a.jpg" in again.live_names() and names[0] not in again.live_names() and "torn.jpg" not in again.live_names()
+    # the next acknowledged change must survive the torn line (it is cut off, not joined)
+    again.remove([names[1]], record=True)
+    third = Collection.open(tmp_path / "c")
+    assert names[1] not in third.live_names() and names[0] not in third.live_names() and "a.jpg" in third.live_names()
+    assert b"torn.jpg" not in journal.read_bytes()
     journal.write_bytes(b"garbage\n" + journal.read_bytes())
     with pytest.raises(LookalikeError, match="line 1 is damaged"):
         Collection.open(tmp_path / "c")
+
+
+def test_sharded_and_code_collections_can_hide_rows(gallery, tmp_path):
+    store, names, x, rng = gallery
+    build_index(store, tmp_path / "s", IndexConfig(factory="IVF4,Flat", shard_size=100, nprobe=4))
+    col = Collection.open(tmp_path / "s")
+    col.remove([names[7]], record=True)  # what DELETE /items does
+    assert names[7] not in [col.names[j] for j in col.search(x[7:8], 5)[1][0]]
+    assert names[7] not in Collection.open(tmp_path / "s").live_names()  # the journal keeps it
+    with pytest.raises(LookalikeError, match="written once"):
+        col.save()
 
 
 def test_changes_are_checked(gallery, tmp_path):
@@ -111,12 +127,19 @@ def test_changes_are_checked(gallery, tmp_path):
         col.search(x[:1], 301)
 
 
-def test_rerank_uses_only_live_rows(gallery, tmp_path):
+@pytest.mark.parametrize("factory,saved", [("Flat", False), ("Flat", True), ("IVF4,Flat", False), ("IVF4,Flat", True),
+                                           ("HNSW16,Flat", True)])
+def test_rerank_uses_only_live_rows(gallery, tmp_path, factory, saved):
     from lookalike.postprocess import RerankConfig, rerank
 
     store, names, x, rng = gallery
-    col = build_index(store, tmp_path / "c")
+    col = build_index(store, tmp_path / "c", IndexConfig(factory=factory))
+    if factory.startswith("IVF"):
+        assert col.gallery_features().shape == x.shape  # IVF,Flat keeps the vectors (no direct map needed)
     col.remove(names[:50])
+    if saved:  # IVF: ids with gaps after compaction; HNSW: rows listed as deleted
+        col.save()
+        col = Collection.open(tmp_path / "c")
     cfg = RerankConfig(steps=("dba", "qe"))
     s, ids = col.search(x[50:55], 5, rerank=cfg)
     want_s, want_i = rerank(x[50:55], x[50:], 5, cfg)  # the chain on the live rows alone

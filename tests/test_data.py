@@ -124,3 +124,24 @@ def test_crop_mode_cuts_borders():
     assert err_x.mean() < 0.4 and err_y.mean() < 0.4  # a crop one pixel off: 0.47 and 0.91
     assert (out[..., 2] == 77).all()
     assert 0.6 * 100 < out[..., 0].min() and out[..., 0].max() < 0.6 * 300  # the left and right borders are cut
+
+
+def test_linked_folders_are_followed_but_not_loops(tmp_path):
+    import os
+
+    from lookalike.train import list_labelled
+
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    Image.new("RGB", (8, 8)).save(real / "a.jpg")
+    data = tmp_path / "data"
+    (data / "cat-2").mkdir(parents=True)
+    (data / "dog").mkdir()
+    os.symlink(real, data / "cat")
+    os.symlink(data, data / "dog" / "loop")  # leads back up
+    Image.new("RGB", (8, 8)).save(data / "cat-2" / "b.jpg")
+    Image.new("RGB", (8, 8)).save(data / "dog" / "c.jpg")
+    assert [e.name for e in list_images(data)] == ["cat-2/b.jpg", "cat/a.jpg", "dog/c.jpg"]
+    # training classes: folder names in order, linked folders included
+    assert [(p.relative_to(data).as_posix(), c) for p, c in list_labelled(data)] == [
+        ("cat/a.jpg", "cat"), ("cat-2/b.jpg", "cat-2"), ("dog/c.jpg", "dog")]

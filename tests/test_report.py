@@ -116,3 +116,20 @@ def test_cam_model_of_an_ensemble_is_its_first_torch_member():
     assert pre.size == 160 and net.pooling == "spoc"
     with pytest.raises(LookalikeError, match="need a torch model"):
         cam_model(ExtractConfig(model="sscd"))
+
+
+def test_report_model_comes_from_the_collection_or_the_results_config(tmp_path):
+    import json
+
+    from lookalike.api.scoring import _report_sources
+
+    res = tmp_path / "r.csv"
+    res.write_text("q.jpg,{g.jpg}\n")
+    # a run whose collection is gone: its config's extraction settings
+    (tmp_path / "r.csv.config.json").write_text(json.dumps(
+        {"command": "run", "gallery": str(tmp_path / "g"), "queries": str(tmp_path / "q"),
+         "extract": {"model": "lite1", "image_size": 160}, "index_dir": str(tmp_path / "gone")}))
+    q, g, cfg = _report_sources(res)
+    assert q == tmp_path / "q" and g == tmp_path / "g" and cfg.model == "lite1" and cfg.image_size == 160
+    (tmp_path / "r.csv.config.json").write_text("not json")
+    assert _report_sources(res) == (None, None, None)

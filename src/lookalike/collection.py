@@ -20,8 +20,9 @@ Rows change in one way only: :meth:`Collection.add` and :meth:`Collection.remove
 ``lookalike update`` and by the service alike). A removal marks the row deleted (search asks faiss
 for ``k`` + #deleted and filters them out); :meth:`Collection.save` compacts: Flat indexes drop
 the rows (names follow), IVF indexes keep row numbers (the name becomes ``null``), other indexes
-(HNSW) cannot drop rows: their removed rows are kept as a list in the manifest
-(``deleted_rows``) and stay filtered out. New rows of an IVF index get explicit ids equal to their row number, so
+(HNSW, code indexes) cannot drop rows: their removed rows are kept as a list in the manifest
+(``deleted_rows``) and stay filtered out; an index built in shards is written once (removals made
+through the service live in its journal). New rows of an IVF index get explicit ids equal to their row number, so
 names and faiss ids never drift apart. ``save`` writes a complete folder beside the old one and
 swaps it in; the journal is folded into it.
 
@@ -310,11 +311,16 @@ class Collection:
         return np.array([i for i, n in enumerate(self.names) if n is not None and i not in self.deleted], np.int64)
 
     def _vectors(self, rows: np.ndarray) -> np.ndarray:
+        faiss = _faiss()
         try:
-            if self._kind() == "ivf":  # faiss ids are row numbers, not positions: one by one (needs a direct map)
-                return np.vstack([self.index.reconstruct(int(i)) for i in rows])
-            every = self.index.reconstruct_n(0, self.index.ntotal)
-            return every if len(rows) == len(every) else every[rows]
+            contiguous = len(self.names) == self.index.ntotal  # faiss ids 0..ntotal-1 (no IVF gaps)
+            if contiguous:
+                every = self.index.reconstruct_n(0, self.index.ntotal)
+                return every if len(rows) == len(every) else every[rows]
+            # an IVF index with removed rows: ids have gaps; look them up by id (a copy with a hash map)
+            copy = faiss.clone_index(self.index)
+            faiss.extract_index_ivf(copy).set_direct_map_type(faiss.DirectMap.Hashtable)
+            return np.vstack([copy.reconstruct(int(i)) for i in rows]) if len(rows) else np.zeros((0, copy.d), np.float32)
         except RuntimeError:
             raise LookalikeError(
                 f"{self.path}: re-ranking needs the gallery vectors, which a {self.manifest.get('factory')} "
@@ -385,10 +391,6 @@ class Collection:
         missing = [n for n in names if n not in self.row_of]
         if missing:
             raise LookalikeError(f"{missing[0]!r} is not in the index" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        kind = self._kind()
-        if kind in ("ondisk", "codes"):
-            raise LookalikeError(f"a {self.manifest.get('factory')} index{' built in shards' if kind == 'ondisk' else ''} "
-                                 "cannot remove rows; rebuild it without them (or use Flat / IVF)")
         if record:
             self._require_folder()
             for n in dict.fromkeys(names):
@@ -404,6 +406,9 @@ class Collection:
         if not self.deleted:
             return
         kind = self._kind()
+        if kind == "ondisk":
+            raise LookalikeError(f"{self.path}: an index built in shards is written once; rebuild it without the "
+                                 "removed rows (the service keeps removals in its journal)")
         if kind not in ("flat", "ivf"):  # faiss cannot drop them: they stay, listed in the manifest
             self.manifest["deleted_rows"] = sorted(self.deleted)
             return
@@ -440,7 +445,17 @@ class Collection:
 
     def _append_journal(self, rec: dict) -> None:
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
-        with open(self.path / JOURNAL, "ab") as f:
+        journal = self.path / JOURNAL
+        with open(journal, "ab") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                with open(journal, "rb") as r:
+                    r.seek(end - 1)
+                    torn = r.read(1) != b"\n"
+                if torn:  # a torn last line (ignored when replayed): cut it off, or this line would join it
+                    with open(journal, "rb") as r:
+                        data = r.read()
+                    f.truncate(data.rfind(b"\n") + 1)
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

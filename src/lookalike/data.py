@@ -35,7 +35,8 @@ class ImageEntry:
 
 
 def list_images(source: str | os.PathLike) -> list[ImageEntry]:
-    """All images under a folder (recursive, sorted, hidden files ignored) or listed in a text file.
+    """All images under a folder (recursive, sorted, hidden files ignored, linked folders followed
+    unless they lead back up) or listed in a text file.
 
     A list file holds one path per line, absolute or relative to the list file's folder; the line
     itself becomes the image's name. Files whose suffix is not an image suffix are ignored.
@@ -53,8 +54,14 @@ def list_images(source: str | os.PathLike) -> list[ImageEntry]:
             entries.append(ImageEntry(line, p if p.is_absolute() else source.parent / p))
     else:
         entries = []
-        for dirpath, dirnames, filenames in os.walk(source):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, dirnames, filenames in os.walk(source, followlinks=True):  # linked folders are part of it
+            here = os.path.realpath(dirpath)
+            keep = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if not (here == real or here.startswith(real + os.sep)):  # a link back up would loop
+                    keep.append(d)
+            dirnames[:] = keep
             for fn in sorted(filenames):
                 if fn.startswith(".") or not fn.lower().endswith(IMAGE_EXTENSIONS):
                     continue

@@ -105,6 +105,7 @@ def list_labelled(data) -> list[tuple[Path, str]]:
     except LookalikeError:
         entries = []
     items = [(e.path, e.name.split("/", 1)[0]) for e in entries if "/" in e.name]  # the first folder is the class
+    items.sort(key=lambda it: (it[1], it[0].relative_to(data / it[1]).parts))  # classes by name, then their files
     if not items:
         raise LookalikeError(f"{data}: no class folders with images; expected DATA/<class>/<image>.jpg or a CSV image,label")
     return items

@@ -118,4 +118,13 @@ def _report_sources(results) -> tuple[Path | None, Path | None, object | None]:
         except LookalikeError:
             col = None
     gallery = Path(cfg["gallery"]) if cfg.get("command") == "run" and cfg.get("gallery") else (col.image_root if col else None)
-    return q, gallery, col.extract_config() if col is not None and col.has_extract_config else None
+    if col is not None and col.has_extract_config:
+        return q, gallery, col.extract_config()
+    if isinstance(cfg.get("extract"), dict):  # results of a run whose collection is gone (or older runs)
+        from ..extract import ExtractConfig
+
+        try:
+            return q, gallery, ExtractConfig.from_dict(cfg["extract"])
+        except (LookalikeError, TypeError, ValueError):
+            return q, gallery, None
+    return q, gallery, None

@@ -205,7 +205,9 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     index_dir = workdir / f"index-{path_key(gallery)}-{cfg.fingerprint()}-{index_key}"
     col = None
     if g.n_extracted == 0 and Collection.exists(index_dir):
-        col = Collection.open(index_dir)
+        # run's collection answers for the gallery as extracted: changes a service made to this
+        # cached folder (its journal) are neither applied nor thrown away
+        col = Collection.open(index_dir, replay=False)
         if col.names != g.names:
             col = None
     if col is None:
