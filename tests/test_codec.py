@@ -113,7 +113,7 @@ def test_registered_method_round_trips_and_ids_are_stable(data, tmp_path, monkey
     opq = Codec(nbytes=16, method="opq").fit(x)
     write_codes(tmp_path / "opq.codes", opq.encode(x[:10]), opq)
     magic, version, method_id = struct.unpack_from("<6sHB", (tmp_path / "opq.codes").read_bytes())
-    assert (magic, version, method_id) == (b"LKCODE", 1, 2)
+    assert (magic, version, method_id) == (b"LKCODE", 2, 2)
 
     # a toy method: a fixed random rotation to 32 dims, then PQ; registered for this test only
     monkeypatch.setattr(codec_mod, "_METHODS_BY_ID", dict(codec_mod._METHODS_BY_ID))

@@ -60,6 +60,16 @@ def test_extract_store_skips_and_reuses(tmp_path):
     assert r3.n_extracted == 1 and r3.n_reused == 6
     st3 = read_store(out)
     assert np.array_equal(st3.features[[st3.names.index(n) for n in st.names]], st.features)
+    # a photo replaced by another under the same name is extracted again, never served from the cache
+    victim = st.names[0]
+    make_photo(77).save(tmp_path / "imgs" / victim)
+    r4 = ex.extract(tmp_path / "imgs", out, progress=False)
+    assert r4.n_extracted == 1 and r4.n_reused == 6 and r4.n_changed == 1 and "1 changed since cached" in r4.summary()
+    fresh = Extractor(model="lite0", image_size=64).extract(tmp_path / "imgs", None, progress=False)
+    st4 = read_store(out)
+    assert np.allclose(st4.features, fresh.features, atol=1e-6) and not np.allclose(
+        st4.features[0], st.features[0], atol=1e-3)
+    st3 = st4
     # other settings on the same file: refused, file untouched
     with pytest.raises(LookalikeError, match="other settings"):
         Extractor(image_size=64, pooling="mac").extract(tmp_path / "imgs", out, progress=False)
@@ -121,3 +131,44 @@ def test_unknown_engine_and_precision():
         ExtractConfig(precision="int4")
     with pytest.raises(LookalikeError, match="unknown TTA"):
         ExtractConfig(tta="rotate")
+
+
+def test_unreadable_files_and_folders_are_listed_with_their_reason(tmp_path, monkeypatch):
+    """Permissions are simulated (the tests may run as root, who reads everything): the operating
+    system's errors are raised where it would raise them."""
+    import os
+
+    import lookalike.data as data
+
+    make_set(tmp_path / "imgs", n_classes=2, per_class=2)
+    (tmp_path / "imgs" / "locked").mkdir()
+    make_photo(9).save(tmp_path / "imgs" / "locked" / "x.jpg")
+    real_scandir, real_open = os.scandir, data.Image.open
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    def image_open(fp, *a, **k):
+        if str(fp).endswith("img_0_0.jpg"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(data.Image, "open", image_open)
+    r = Extractor(model="lite0", image_size=64).extract(tmp_path / "imgs", tmp_path / "f.h5", progress=False)
+    reasons = dict(r.skipped)
+    assert reasons["locked/"] == "folder cannot be read: permission denied"
+    assert reasons["img_0_0.jpg"].startswith("permission denied")
+    assert "locked/" in (tmp_path / "f.skipped.csv").read_text()
+
+
+def test_a_folder_of_only_broken_files_still_writes_its_skipped_list(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_text("not a photo")
+    (tmp_path / "imgs" / "b.png").write_bytes(b"")
+    with pytest.raises(LookalikeError, match="none of the 2 images could be read .*a.jpg.*f.skipped.csv"):
+        Extractor(model="lite0", image_size=64).extract(tmp_path / "imgs", tmp_path / "f.h5", progress=False)
+    text = (tmp_path / "f.skipped.csv").read_text()
+    assert "a.jpg" in text and "b.png" in text and "empty file" in text

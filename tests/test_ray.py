@@ -48,7 +48,10 @@ def test_ray_engine_resumes_per_chunk(ray_local, images, tmp_path):
     parts = tmp_path / "out.h5.parts"
     parts.mkdir()
     (parts / "meta.json").write_text('{"fingerprint": "%s"}' % cfg.fingerprint())
-    ex._write_part(parts / "part-000000.npz", ref.names[:4], ref.features[:4])
+    from lookalike.data import file_signature
+
+    ex._write_part(parts / "part-000000.npz", ref.names[:4], ref.features[:4],
+                   [file_signature(images / "imgs" / n) for n in ref.names[:4]])
     res = ex.extract(images / "imgs", tmp_path / "out.h5", progress=False)
     assert res.n_reused == 4 and res.n_extracted == 9
     out = read_store(tmp_path / "out.h5")

@@ -28,18 +28,19 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, collection: Path, *extra):
+    def __init__(self, collection: Path, *extra, key: str | None = KEY):
         self.collection = collection
-        self.extra = extra
+        self.extra = (("--api-key", key) if key else ()) + extra
         self.proc = None
 
     def start(self):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(self.collection.parent / f"server-{self.port}.log", "w")
+        env = {k: v for k, v in os.environ.items() if k != "LOOKALIKE_API_KEY"}
         self.proc = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", str(self.collection),
-                                      "--port", str(self.port), "--api-key", KEY, "--max-upload-mb", "0.5",
-                                      "--threads", "1", *self.extra], stdout=self.log, stderr=subprocess.STDOUT)
+                                      "--port", str(self.port), "--max-upload-mb", "0.5",
+                                      "--threads", "1", *self.extra], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
             assert self.proc.poll() is None, (self.collection.parent / f"server-{self.port}.log").read_text()
@@ -155,12 +156,17 @@ def test_path_traversal(server, collection):
         assert b"\xff\xd8" not in body[:4]  # never a JPEG
 
 
-def _raw_get(port: int, path: str):
+def _raw_get(port: int, path: str, host: str = "127.0.0.1"):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return _read_response(s)
+
+
+def _read_response(s: socket.socket):
+    """(status, headers, body) of a response read to the end of the connection (a reset raises)."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     headers = dict((k.strip().lower(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:]))
@@ -247,7 +253,7 @@ def test_request_timeout_and_internal_errors(collection, tmp_path):
     common error shape (in-process server)."""
     import uvicorn
 
-    from lookalike.serve import SearchService, ServeConfig, create_app
+    from lookalike.serve import SearchService, ServeConfig, create_app, server_config
 
     shutil.copytree(collection / "col", tmp_path / "col", ignore=shutil.ignore_patterns("journal.jsonl", "items"))
     service = SearchService(tmp_path / "col", ServeConfig(timeout=0.3, threads=1))
@@ -262,7 +268,7 @@ def test_request_timeout_and_internal_errors(collection, tmp_path):
 
     service.search = search
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="critical"))
+    srv = uvicorn.Server(server_config(create_app(service), service.config, port=port, log_level="critical"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
     try:
@@ -357,3 +363,90 @@ def test_upload_pixel_cap():
     with pytest.raises(HTTPError) as e:
         decode_upload(buf.getvalue(), 100_000)
     assert e.value.status == 413 and "400x300" in e.value.message
+
+
+# ------------------------------------------------------------------ attacks on the CLI server
+# (more, in-process with small limits: test_serve_security.py)
+
+def test_foreign_host_names_are_refused(server):
+    """DNS rebinding: a page at evil.example whose name resolves to 127.0.0.1 reaches the server
+    with `Host: evil.example`; only the server's own names are answered."""
+    for host in ["evil.example", f"evil.example:{server.port}", "127.0.0.1.nip.io"]:
+        status, headers, body = _raw_get(server.port, "/health", host=host)
+        assert status == 400 and headers["content-type"].startswith("application/json"), (host, status, body)
+        assert b"not served here" in body and b"--allowed-host" in body
+    for host in [f"127.0.0.1:{server.port}", f"localhost:{server.port}", f"[::1]:{server.port}"]:
+        assert _raw_get(server.port, "/health", host=host)[0] == 200, host
+
+
+def test_cross_site_writes_are_refused(server, collection):
+    """A write whose Origin is another site is refused before its body is read, even with the key."""
+    files = {"file": ("x.jpg", _jpeg(collection / "extra" / "new_0_70.jpg"), "image/jpeg")}
+    for origin in ["http://evil.example", "null", f"http://127.0.0.1:{server.port + 1}"]:
+        headers = {"X-API-Key": KEY, "Origin": origin}
+        _error(httpx.post(server.url + "/items", files=files, data={"name": "csrf.jpg"}, headers=headers), 403, "cross-site")
+        _error(httpx.delete(server.url + "/items/g_0_0.jpg", headers=headers), 403, "cross-site")
+    names = [h["name"] for h in _search(server, files["file"][1], k=20).json()["results"]]
+    assert "csrf.jpg" not in names and "g_0_0.jpg" in names
+    # the server's own page may write (same origin): past every check, an unknown name is a 404
+    _error(httpx.delete(server.url + "/items/nope.jpg", headers={"X-API-Key": KEY, "Origin": server.url}), 404)
+
+
+def test_server_without_key_refuses_writes(collection, tmp_path):
+    """`lookalike serve` without --api-key (the default): POST/DELETE /items get 403 and say how to
+    allow them; searching works."""
+    shutil.copytree(collection / "col", tmp_path / "col", ignore=shutil.ignore_patterns("journal.jsonl", "items"))
+    srv = Server(tmp_path / "col", key=None).start()
+    try:
+        files = {"file": ("x.jpg", _jpeg(collection / "extra" / "new_0_70.jpg"), "image/jpeg")}
+        msg = _error(httpx.post(srv.url + "/items", files=files, data={"name": "anon.jpg"}), 403)
+        assert "--api-key" in msg and "--allow-anonymous-writes" in msg
+        _error(httpx.delete(srv.url + "/items/g_0_0.jpg"), 403, "--api-key")
+        assert _search(srv, files["file"][1]).status_code == 200
+        assert httpx.get(srv.url + "/health").json()["items"] == 12
+    finally:
+        srv.stop()
+    assert not (tmp_path / "col" / "journal.jsonl").exists()
+
+
+def test_stuck_connections_do_not_lock_out_clients(server, collection):
+    """300 sockets stuck in their request heads: a new client is still served, in JSON. (Old code:
+    uvicorn's limit_concurrency=256 counted them and answered every new request with a plain-text 503.)"""
+    stuck = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            stuck.append(s)
+        r = httpx.get(server.url + "/health", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), r.text
+        assert _search(server, _jpeg(collection / "gallery" / "g_0_0.jpg")).status_code == 200
+    finally:
+        for s in stuck:
+            s.close()
+
+
+def test_300_concurrent_searches_get_answers_not_resets(server, collection):
+    """300 searches at once: each client reads a response, 200 or a JSON 503 with Retry-After (the
+    in-flight limit), never a reset or a plain-text 503."""
+    req = httpx.Request("POST", server.url + "/search", data={"k": "3"},
+                        files={"file": ("q.jpg", _jpeg(collection / "gallery" / "g_1_1.jpg"), "image/jpeg")})
+    body = req.read()
+    request = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: close\r\n"
+               f"Content-Type: {req.headers['content-type']}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    socks = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+            s.sendall(request)
+            socks.append(s)
+        answers = [_read_response(s) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+    statuses = [a[0] for a in answers]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 64, statuses
+    for status, headers, data in answers:
+        assert headers["content-type"].startswith("application/json"), (status, headers, data[:100])
+        assert status == 200 or headers.get("retry-after") == "1"
+    assert _search(server, _jpeg(collection / "gallery" / "g_0_0.jpg")).status_code == 200

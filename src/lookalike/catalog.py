@@ -20,6 +20,20 @@ MODEL_FILE = "lookalike_model.json"
 BUILTIN_POOLINGS = ("gap", "mac", "spoc", "gem")
 
 
+def names_code(model) -> bool:
+    """Does a model name choose code to import (``package.module:factory``)? Such names are
+    accepted from the command line or the Python API, never from a saved file unless the user says
+    it is trusted (``--trust-remote-code``)."""
+    return isinstance(model, str) and ":" in model and not model.startswith(("onnx:", "timm:"))
+
+
+def refuse_code(model, source) -> None:
+    """The one-line error for a saved file (``source``) that names code to import."""
+    raise LookalikeError(f"{source}: names code to run ({model!r}); a saved index or model may only name "
+                         "registered backbones (lite0, sscd, timm:NAME, onnx:PATH, ...). If you trust where it "
+                         "came from, pass --trust-remote-code")
+
+
 def is_trained_model(name) -> bool:
     """A ``lookalike train`` run folder (it holds ``lookalike_model.json``)."""
     return (Path(name) / MODEL_FILE).is_file()

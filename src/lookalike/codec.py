@@ -31,11 +31,14 @@ user registers.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
+import os
 import struct
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +55,13 @@ log = logging.getLogger(__name__)
 
 BUDGETS = (16, 32, 64, 128, 256)
 _MAGIC = b"LKCODE"
-_VERSION = 1
+# Code file versions: 1 (CRC-32 of the payload only; still read, its header checked against the codec that
+# decodes it) and 2 (written now: CRC-32 of the header's first 34 bytes and the payload).
+_VERSION = 2
+_READ_VERSIONS = (1, 2)
 _HEADER = struct.Struct("<6sHBBIQI8sI")  # magic, version, method, bits, bytes/vector, count, dim, codec id, crc32
+_CODEC_VERSION = 1  # the "version" in a codec .npz's meta
+_NAMES_KIND = "lookalike-code-names"
 _PROJ_BITS = 18  # projection entries: multiples of 2^-18 (|p| <= 1)
 _LATENT_BITS = 20  # latent values: multiples of 2^(e - 20) where 2^e bounds their magnitude
 
@@ -154,6 +162,7 @@ register_codec_method(0, "sq", _pca_projection, quantiser="scalar")
 register_codec_method(1, "pq", _identity_projection)
 register_codec_method(2, "opq", _opq_projection)
 register_codec_method(3, "learned", "lookalike.codec_train:fit_learned_projection")
+_PROJECTING = (_pca_projection, _opq_projection, "lookalike.codec_train:fit_learned_projection")
 
 
 @dataclass
@@ -299,41 +308,150 @@ class Codec:
         for k in ("centroids_", "lo_", "step_"):
             if hasattr(self, k):
                 arrays[k] = getattr(self, k)
-        meta = json.dumps({**self.describe(), "kind": "lookalike-codec", "version": _VERSION, "seed": self.seed,
+        meta = json.dumps({**self.describe(), "kind": "lookalike-codec", "version": _CODEC_VERSION, "seed": self.seed,
                            "history": self.history_})
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, meta=np.array(meta), **arrays)
 
     @classmethod
     def load(cls, path) -> "Codec":
-        unknown = None  # a method name this process has not registered
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                if meta.get("kind") != "lookalike-codec":
-                    raise KeyError("kind")
-                if meta["method"] not in METHODS:
-                    unknown = meta["method"]
-                    raise KeyError("method")
-                obj = cls(nbytes=meta["nbytes"], method=meta["method"], bits=meta["bits"], seed=meta.get("seed", 0))
-                obj.history_ = meta.get("history", [])
-                obj.dim_ = meta["dim"]
-                obj.mean_ = z["mean_"]
-                obj.scale_exp_ = int(z["scale_exp_"])
-                obj.proj_ = z["proj_"] if "proj_" in z else None
-                for k in ("centroids_", "lo_", "step_"):
-                    if k in z:
-                        setattr(obj, k, z[k])
-                obj.latent_dim_ = meta["latent_dim"]
-                obj.model_id_ = meta.get("model_id", "")
-        except FileNotFoundError:
-            raise LookalikeError(f"{path}: codec file not found; make one with `lookalike codec fit`") from None
-        except (OSError, KeyError, ValueError) as e:
-            if unknown is not None:
-                raise LookalikeError(f"{path}: a codec of method {unknown!r}, which this lookalike does not know (it "
-                                     f"knows {', '.join(METHODS)}); use the lookalike that made it") from None
-            raise LookalikeError(f"{path}: not a lookalike codec ({type(e).__name__}); make one with `lookalike codec fit`") from None
-        return obj
+        """The codec saved at ``path``. The file is data only: arrays read without pickle and a JSON
+        meta whose every value is checked (types, ranges, the arrays' shapes and dtypes); its method is
+        looked up by name among the registered ones, so a file never chooses code to import or run.
+        Anything else is refused with a ``LookalikeError`` naming the file."""
+        meta, arrays = _read_codec_file(path)
+        return _codec_from_parts(cls, path, meta, arrays)
+
+
+_NPY_DTYPES = {"mean_": "<f4", "proj_": "<f8", "centroids_": "<f8", "lo_": "<f8", "step_": "<f8"}
+
+
+def _read_codec_file(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(meta, arrays) of a codec .npz, every member's header checked before its data is read (so a
+    forged shape cannot make numpy allocate more than the file holds); only LookalikeErrors escape."""
+    fix = "make one with `lookalike codec fit`"
+    try:
+        disk = os.path.getsize(path)
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}.get(info.compress_type)  # deflate's limit
+                if ratio is None or info.compress_size > disk or info.file_size > ratio * info.compress_size + 1024:
+                    raise ValueError(f"entry {info.filename!r} has an impossible size or compression")
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"entry {info.filename!r} has .npy version {version}")
+                    if dtype.hasobject:
+                        raise ValueError(f"entry {info.filename!r} holds Python objects")
+                    if f.tell() + int(np.prod(shape, dtype=object)) * dtype.itemsize != info.file_size:
+                        raise ValueError(f"entry {info.filename!r} is truncated or padded")
+        with np.load(path, allow_pickle=False) as z:
+            if "meta" not in z.files:
+                raise KeyError("meta")
+            raw = z["meta"]
+            if raw.dtype.kind != "U" or raw.ndim != 0:
+                raise ValueError("its meta is not a JSON string")
+            meta = json.loads(str(raw))
+            if not isinstance(meta, dict) or meta.get("kind") != "lookalike-codec":
+                raise ValueError("its meta is not a lookalike codec's")
+            arrays = {k: z[k] for k in ("mean_", "scale_exp_", "proj_", "centroids_", "lo_", "step_") if k in z.files}
+    except FileNotFoundError:
+        raise LookalikeError(f"{path}: codec file not found; {fix}") from None
+    except IsADirectoryError:
+        raise LookalikeError(f"{path}: is a folder, not a codec file; give the .npz that `lookalike codec fit` "
+                             "wrote") from None
+    except PermissionError as e:
+        raise LookalikeError(f"{path}: cannot read the codec file ({e.strerror}); check its permissions") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError,
+            MemoryError, RecursionError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error,
+            NotImplementedError) as e:
+        what = str(e) or type(e).__name__
+        if isinstance(e, KeyError):
+            what = f"no {e.args[0]!r} entry"
+        elif isinstance(e, zipfile.BadZipFile) and "not a zip file" in what:
+            what = "not an .npz archive"
+        elif isinstance(e, EOFError):
+            what = "it ends early"
+        raise LookalikeError(f"{path}: not a lookalike codec, or a truncated or corrupt one ({what}); {fix}") from None
+    return meta, arrays
+
+
+def _codec_from_parts(cls, path, meta: dict, arrays: dict) -> "Codec":
+    """A fitted codec from a file's checked meta and arrays (nothing is imported or called by name)."""
+
+    def bad(what: str) -> LookalikeError:
+        return LookalikeError(f"{path}: corrupt lookalike codec ({what}); fit the codec again with "
+                              "`lookalike codec fit`")
+
+    def integer(key, lo, hi, default=None):
+        v = meta.get(key, default)
+        if type(v) is not int or not lo <= v <= hi:
+            raise bad(f"{key} {v!r} is not an integer in {lo}..{hi}")
+        return v
+
+    version = integer("version", 0, 2 ** 31, default=_CODEC_VERSION)
+    if version > _CODEC_VERSION:
+        raise LookalikeError(f"{path}: codec file version {version}, newer than this lookalike reads "
+                             f"({_CODEC_VERSION}); use the lookalike that made it")
+    method = meta.get("method")
+    if not isinstance(method, str):
+        raise bad(f"method {method!r} is not a name")
+    if method not in METHODS:  # looked up by name only: a file never names code to import
+        raise LookalikeError(f"{path}: a codec of method {method!r}, which this lookalike does not know (it "
+                             f"knows {', '.join(METHODS)}); use the lookalike that made it")
+    spec = codec_method(method)
+    nbytes = integer("nbytes", 1, 65536)
+    bits = integer("bits", 0, 255)
+    if spec.quantiser == "scalar" and bits not in (4, 8):
+        raise bad(f"bits {bits} for scalar quantisation, which takes 4 or 8")
+    dim = integer("dim", 1, 2 ** 32 - 1)
+    latent = integer("latent_dim", 1, 2 ** 32 - 1)
+    seed = integer("seed", -(2 ** 63), 2 ** 64 - 1, default=0)
+    history, model_id = meta.get("history", []), meta.get("model_id", "")
+    if not isinstance(history, list) or not isinstance(model_id, str):
+        raise bad("history is not a list or model_id not a string")
+
+    def array(key, shape, required=True):
+        if key not in arrays:
+            if required:
+                raise bad(f"no {key!r} array")
+            return None
+        a = arrays[key]
+        if a.dtype.str != _NPY_DTYPES[key] or a.shape != shape:
+            raise bad(f"{key} is {a.dtype.str} {a.shape}, expected {_NPY_DTYPES[key]} {shape}")
+        if not np.isfinite(a).all():
+            raise bad(f"{key} holds NaN or infinity")
+        return a
+
+    mean = array("mean_", (dim,))
+    scale = arrays.get("scale_exp_")
+    if scale is None or scale.shape != () or scale.dtype.kind not in "iu" or not -1000 <= int(scale) <= 1000:
+        raise bad("scale_exp_ is not an integer in -1000..1000")
+    projects = spec.projection in _PROJECTING  # a built-in that always projects (else: the identity, or a plugin's)
+    if spec.projection is _identity_projection and "proj_" in arrays:
+        raise bad(f"a projection for method {method}, which has none")
+    proj = array("proj_", (latent, dim), required=projects)
+    if proj is None and latent != -(-dim // nbytes) * nbytes:
+        raise bad(f"latent_dim {latent} for an identity projection of {dim} dimensions in {nbytes} bytes")
+    obj = cls(nbytes=nbytes, method=method, bits=bits, seed=seed)
+    if spec.quantiser == "scalar":
+        if latent * bits != nbytes * 8:
+            raise bad(f"latent_dim {latent} at {bits} bits does not fill {nbytes} bytes")
+        obj.lo_, obj.step_ = array("lo_", (latent,)), array("step_", (latent,))
+    else:
+        if latent % nbytes:
+            raise bad(f"latent_dim {latent} is not a multiple of the {nbytes} sub-quantisers")
+        obj.centroids_ = array("centroids_", (nbytes, 256, latent // nbytes))
+    obj.history_ = history
+    obj.dim_, obj.mean_, obj.scale_exp_, obj.proj_, obj.latent_dim_ = dim, mean, int(scale), proj, latent
+    obj.model_id_ = model_id
+    return obj
 
 
 # ---------------------------------------------------------------------- the pieces
@@ -409,47 +527,106 @@ def _pq_assign(z: np.ndarray, cents: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- the code file
 
 
+def _names_paths(path) -> tuple[Path, Path]:
+    """The names beside a code file: ``PATH.names.json`` (written now) and ``PATH.names.txt`` (one name
+    a line, written by lookalike before names were JSON; still read)."""
+    return Path(str(path) + ".names.json"), Path(str(path) + ".names.txt")
+
+
 def write_codes(path, codes: np.ndarray, codec: Codec, names: list[str] | None = None) -> None:
-    """Header (magic, version, method, bits, bytes per vector, count, dimension, codec id, CRC-32 of
-    the payload) then ``n × B`` bytes; names, when given, in ``PATH.names.txt``."""
+    """Header (magic, version 2, method, bits, bytes per vector, count, dimension, codec id, CRC-32 of
+    the header's other 34 bytes and the payload) then ``n × B`` bytes; names, when given, in
+    ``PATH.names.json`` (``{"kind", "crc32": the code file's CRC, "names": [...]}``: any name round-trips,
+    and names left from another code file are noticed)."""
     codes = np.ascontiguousarray(codes, np.uint8)
-    payload = codes.tobytes()
-    header = _HEADER.pack(_MAGIC, _VERSION, codec_method(codec.method).id, codec.bits, codec.nbytes, len(codes),
-                          codec.dim_, codec.codec_id(), zlib.crc32(payload))
-    with atomic_path(path, suffix=".codes") as tmp:
-        Path(tmp).write_bytes(header + payload)
+    if codes.ndim != 2 or codes.shape[1] != codec.nbytes:
+        raise LookalikeError(f"codec writes (n, {codec.nbytes}) codes, got shape {codes.shape}")
     if names is not None:
-        with atomic_path(Path(str(path) + ".names.txt")) as tmp:
-            Path(tmp).write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        names = [str(n) for n in names]
+        if len(names) != len(codes):
+            raise LookalikeError(f"{len(names)} names for {len(codes)} codes")
+    payload = codes.tobytes()
+    head = _HEADER.pack(_MAGIC, _VERSION, codec_method(codec.method).id, codec.bits, codec.nbytes, len(codes),
+                        codec.dim_, codec.codec_id(), 0)[:-4]
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    with atomic_path(path, suffix=".codes") as tmp:
+        Path(tmp).write_bytes(head + struct.pack("<I", crc) + payload)
+    json_path, txt_path = _names_paths(path)
+    with contextlib.suppress(FileNotFoundError):
+        txt_path.unlink()  # an older sidecar of this path would describe other codes
+    if names is None:
+        with contextlib.suppress(FileNotFoundError):
+            json_path.unlink()
+    else:
+        with atomic_path(json_path) as tmp:
+            Path(tmp).write_text(json.dumps({"kind": _NAMES_KIND, "crc32": crc, "names": names}), encoding="utf-8")
 
 
 def read_codes(path, codec: Codec | None = None) -> tuple[np.ndarray, list[str] | None]:
+    """(codes, names or None) of a code file, checked: header and payload checksum (version 2; a
+    version 1 file has only its payload's), sizes, and with ``codec`` every header field against it.
+    Anything wrong is a ``LookalikeError`` naming the file."""
     path = Path(path)
+    again = "encode the features again"
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise LookalikeError(f"{path}: code file not found; make it with `lookalike codec encode`") from None
-    if len(data) < _HEADER.size or data[:6] != _MAGIC:
-        raise LookalikeError(f"{path}: not a lookalike code file (bad header); encode the features again")
+    except IsADirectoryError:
+        raise LookalikeError(f"{path}: is a folder but holds no NAIC .dat codes; give a code file") from None
+    except OSError as e:
+        raise LookalikeError(f"{path}: cannot read the code file ({e.strerror or e}); check its permissions") from None
+    if data[:6] != _MAGIC:
+        raise LookalikeError(f"{path}: not a lookalike code file (bad header); {again}")
+    if len(data) < _HEADER.size:
+        raise LookalikeError(f"{path}: truncated inside its {_HEADER.size}-byte header; {again}")
     magic, version, method, bits, nbytes, count, dim, cid, crc = _HEADER.unpack_from(data)
-    if version != _VERSION:
-        raise LookalikeError(f"{path}: code file version {version}; this lookalike reads version {_VERSION}")
-    spec = _method_by_id(method, path)
-    payload = data[_HEADER.size:]
-    if len(payload) != count * nbytes:
+    if version not in _READ_VERSIONS:
+        raise LookalikeError(f"{path}: code file version {version}; this lookalike reads versions "
+                             f"{', '.join(map(str, _READ_VERSIONS))} (a newer lookalike wrote it, or it is corrupt)")
+    payload = memoryview(data)[_HEADER.size:]
+    if not 1 <= nbytes <= 65536 or len(payload) != count * nbytes:
         raise LookalikeError(f"{path}: truncated or padded: {len(payload)} payload bytes for {count} codes of "
-                             f"{nbytes} bytes; encode the features again")
-    if zlib.crc32(payload) != crc:
-        raise LookalikeError(f"{path}: checksum mismatch (the file is corrupt); encode the features again")
-    if codec is not None and (cid != codec.codec_id() or nbytes != codec.nbytes):
-        raise LookalikeError(f"{path}: made by another codec ({spec.name}, {nbytes} bytes); decode it with "
-                             "the codec that encoded it")
+                             f"{nbytes} bytes; {again}")
+    covered = zlib.crc32(payload, zlib.crc32(data[: _HEADER.size - 4])) if version >= 2 else zlib.crc32(payload)
+    if covered != crc:
+        raise LookalikeError(f"{path}: checksum mismatch (the file is corrupt); {again}")
+    spec = _method_by_id(method, path)
+    if codec is not None:
+        c_bits = codec.bits
+        if (cid, nbytes, spec.name, bits, dim) != (codec.codec_id(), codec.nbytes, codec.method, c_bits, codec.dim_):
+            raise LookalikeError(f"{path}: made by another codec ({spec.name}, {nbytes} bytes, {bits} bits, {dim}-d); "
+                                 "decode it with the codec that encoded it")
     codes = np.frombuffer(payload, np.uint8).reshape(count, nbytes).copy()
-    names_path = Path(str(path) + ".names.txt")
-    names = names_path.read_text(encoding="utf-8").splitlines() if names_path.exists() else None
-    if names is not None and len(names) != count:
-        raise LookalikeError(f"{names_path}: {len(names)} names for {count} codes; encode the features again")
-    return codes, names
+    return codes, _read_names(path, count, crc)
+
+
+def _read_names(path, count: int, crc: int) -> list[str] | None:
+    json_path, txt_path = _names_paths(path)
+    again = "encode the features again"
+    where = json_path
+    try:
+        if json_path.exists():
+            where = json_path
+            doc = json.loads(json_path.read_text(encoding="utf-8"))
+            names = doc.get("names") if isinstance(doc, dict) and doc.get("kind") == _NAMES_KIND else None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise LookalikeError(f"{json_path}: not the names of a lookalike code file; {again}")
+            if doc.get("crc32") != crc:
+                raise LookalikeError(f"{json_path}: the names of another code file (checksums differ); {again}")
+        elif txt_path.exists():  # written before version 2: one name per line, each ending in "\n"
+            where = txt_path
+            names = txt_path.read_text(encoding="utf-8").split("\n")
+            if names[-1] == "":
+                names.pop()
+            names = [n[:-1] if n.endswith("\r") else n for n in names]
+        else:
+            return None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise LookalikeError(f"{where}: cannot read the names ({e}); {again}") from None
+    if len(names) != count:
+        raise LookalikeError(f"{where}: {len(names)} names for {count} codes; {again}")
+    return names
 
 
 # ---------------------------------------------------------------------- search in code space
@@ -516,8 +693,9 @@ def load_features(path, with_model_id: bool = False):
 
 
 def load_codes(path, codec: Codec) -> tuple[list[str], np.ndarray]:
-    """A code file (names from its ``.names.txt``, else row numbers) or a folder of NAIC code ``.dat``
-    files -> (names, (n, B) uint8), checked against ``codec``."""
+    """A code file (names from its ``.names.json`` or older ``.names.txt``, else row numbers) or a
+    folder of NAIC code ``.dat`` files (names: their paths under it without ``.dat``) -> (names,
+    (n, B) uint8), checked against ``codec``."""
     from .formats import read_naic_codes
 
     if Path(path).is_dir():
@@ -604,10 +782,10 @@ def encode_file(feats, codec_path, output=None, naic_dir=None) -> int:
     c = Codec.load(codec_path)
     names, x = load_features(feats)
     codes = c.encode(x)
+    if naic_dir:  # first: it checks every name is a file inside naic_dir before writing anything
+        write_naic_codes(naic_dir, names, codes)
     if output:
         write_codes(output, codes, c, names)
-    if naic_dir:
-        write_naic_codes(naic_dir, names, codes)
     return len(codes)
 
 
@@ -621,10 +799,10 @@ def decode_file(codes, codec_path, output, naic_dir=None) -> int:
     c = Codec.load(codec_path)
     names, arr = load_codes(codes, c)
     feats = c.decode(arr)
+    if naic_dir:  # first: it checks every name is a file inside naic_dir before writing anything
+        write_naic_features(naic_dir, names, feats)
     write_store(output, names, feats, {"model": f"decoded:{c.method}", "codec": c.describe(), "model_id": "decoded",
                                        "fingerprint": "decoded", "created_by": f"lookalike {__version__}"})
-    if naic_dir:
-        write_naic_features(naic_dir, names, feats)
     return len(arr)
 
 

@@ -47,6 +47,7 @@ import numpy as np
 from ._io import atomic_path, write_json_atomic
 from ._version import __version__
 from .errors import LookalikeError, check_k
+from .paths import confined
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def read_manifest(path) -> dict:
     """The manifest of the collection folder ``path`` (without loading its index)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
+        recover(path)  # a writer killed mid-swap leaves the previous version beside it
+    if not (path / MANIFEST).is_file():
         raise LookalikeError(f"{path}: not a lookalike index (no manifest.json); build one with `lookalike index`")
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
@@ -92,6 +95,11 @@ def read_manifest(path) -> dict:
     if not isinstance(manifest, dict):
         raise LookalikeError(f"{path}: damaged index (manifest is not an object); rebuild it with `lookalike index`")
     return manifest
+
+
+def confined_name(name: str) -> str:
+    """An item name as a relative path that cannot leave its folder (see ``paths.confined``)."""
+    return confined(".", name).as_posix()
 
 
 def image_base(root) -> Path | None:
@@ -120,7 +128,9 @@ class Collection:
     # ------------------------------------------------------------------ opening and saving
     @staticmethod
     def exists(path) -> bool:
-        """Is ``path`` a collection folder (it has a manifest)?"""
+        """Is ``path`` a collection folder (it has a manifest; an interrupted swap is undone first)?"""
+        if not (Path(path) / MANIFEST).is_file():
+            recover(path)
         return (Path(path) / MANIFEST).is_file()
 
     @classmethod
@@ -136,9 +146,17 @@ class Collection:
             config = json.loads((path / "config.json").read_text(encoding="utf-8")) if (path / "config.json").is_file() else None
         except (OSError, ValueError, RuntimeError) as e:
             raise LookalikeError(f"{path}: damaged index ({type(e).__name__}); rebuild it with `lookalike index`") from None
-        if (not isinstance(names, list) or index.ntotal != sum(n is not None for n in names)
-                or index.d != manifest.get("dim")):
+        if (not isinstance(names, list) or not all(n is None or isinstance(n, str) for n in names)
+                or index.ntotal != sum(n is not None for n in names) or index.d != manifest.get("dim")):
             raise LookalikeError(f"{path}: index, names and manifest disagree; rebuild it with `lookalike index`")
+        live = [n for n in names if n is not None]
+        if len(set(live)) != len(live):
+            raise LookalikeError(f"{path}: names.json lists a name twice; rebuild it with `lookalike index`")
+        deleted = manifest.get("deleted_rows") or []
+        if not isinstance(deleted, list) or not all(isinstance(i, int) and 0 <= i < len(names) for i in deleted):
+            raise LookalikeError(f"{path}: damaged manifest (deleted_rows); rebuild it with `lookalike index`")
+        if not isinstance(manifest.get("items") or [], list) or not isinstance(manifest.get("input_dim", 0), int):
+            raise LookalikeError(f"{path}: damaged manifest; rebuild it with `lookalike index`")
         transform = None
         if manifest.get("whitening"):
             from .postprocess import PCAWhitening
@@ -219,13 +237,17 @@ class Collection:
         return bool(self.manifest.get("extract_config"))
 
     def extract_config(self, **overrides):
-        """The extraction settings the gallery was embedded with (queries must match them)."""
+        """The extraction settings the gallery was embedded with (queries must match them).
+        Saved settings may not name code to import unless ``trust_remote_code=True`` is given."""
         from .extract import ExtractConfig
 
         saved = self.manifest.get("extract_config") or {}
         if not saved and not overrides:
             log.warning("%s has no extraction settings; embedding queries with the defaults", self.path)
-        return ExtractConfig.from_dict({**saved, **overrides})
+        if not isinstance(saved, dict):
+            raise LookalikeError(f"{self.path}: damaged manifest (extract_config); rebuild it with `lookalike index`")
+        return ExtractConfig.from_dict({**saved, **overrides}, trusted=bool(overrides.get("trust_remote_code")),
+                                       source=str((self.path or Path("?")) / MANIFEST))
 
     @property
     def feature_store(self) -> str | None:
@@ -245,17 +267,25 @@ class Collection:
                 for n in self.names]
 
     def image_path(self, name: str) -> Path:
-        """The image file of a gallery row: under the image root, or under ``items/`` for rows added
-        through the service; a name that is not in the collection, or a path that leaves its
-        folder, is an error."""
+        """The image file of a gallery row: under ``items/`` for rows added through the service
+        (confined there), else where the gallery named it (under the image root, or a list file's
+        line): links the gallery contains are followed. A name that is not in the collection is an
+        error; nothing else is ever looked up."""
         if name not in self.row_of:
             raise LookalikeError(f"no image named {name!r} in the collection")
-        base = (self.path / ITEMS if self.path else None) if name in self.items else image_base(self.manifest.get("image_root"))
-        if base is None:
-            raise LookalikeError("this collection was indexed without --image-root; its images cannot be shown")
-        base = base.resolve()
-        path = (base / name).resolve()
-        if not path.is_relative_to(base) or not path.is_file():
+        if name in self.items:
+            if self.path is None:
+                raise LookalikeError(f"image file of {name!r} is missing")
+            base = (self.path / ITEMS).resolve()
+            path = (base / name).resolve()
+            if not path.is_relative_to(base):
+                raise LookalikeError(f"image file of {name!r} is missing")
+        else:
+            base = image_base(self.manifest.get("image_root"))
+            if base is None:
+                raise LookalikeError("this collection was indexed without --image-root; its images cannot be shown")
+            path = base / name
+        if not path.is_file():
             raise LookalikeError(f"image file of {name!r} is missing")
         return path
 
@@ -431,7 +461,7 @@ class Collection:
 
     def _write_item(self, name: str, data: bytes) -> None:
         base = (self.path / ITEMS).resolve()
-        target = (base / name).resolve()
+        target = (base / confined_name(name)).resolve()
         if not target.is_relative_to(base) or target == base:
             raise LookalikeError(f"invalid item name {name!r}: it leaves the collection's items folder")
         try:
@@ -472,7 +502,13 @@ class Collection:
             try:
                 rec = json.loads(raw)
                 op, name = rec["op"], rec["name"]
-            except (ValueError, KeyError, TypeError):
+                if op not in ("add", "delete") or not isinstance(name, str) or not name:
+                    raise ValueError
+                if op == "add":
+                    feat = np.frombuffer(base64.b64decode(rec["feature"], validate=True), np.float32).reshape(1, -1)
+                    if not np.isfinite(feat).all():
+                        raise ValueError
+            except (ValueError, KeyError, TypeError, AttributeError):
                 if i >= len(lines) - 2:
                     log.warning("%s: ignoring a torn last line (an interrupted write)", journal)
                     continue
@@ -481,7 +517,6 @@ class Collection:
             if op == "add":
                 if name in self.row_of:  # already in the index (folded in by an older version)
                     continue
-                feat = np.frombuffer(base64.b64decode(rec["feature"]), np.float32).reshape(1, -1)
                 if feat.shape[1] != self.dim:
                     raise LookalikeError(f"{journal}: line {i + 1} holds a feature of dimension {feat.shape[1]}, "
                                          f"the collection has {self.dim}; remove the line")
@@ -506,25 +541,98 @@ def set_search_params(index, nprobe: int | None, ef_search: int | None, factory:
             raise LookalikeError(f"{flag} applies to {kind} indexes; this one is {factory}") from None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(path: Path) -> int | None:
+    """The pid in a working folder's name (``.NAME.p123-xyz.tmp``, ``.NAME.old-123``), if any."""
+    tail = path.name.rsplit(".old-", 1)[-1] if ".old-" in path.name else path.name.rsplit(".p", 1)[-1].split("-", 1)[0]
+    return int(tail) if tail.isdigit() else None
+
+
+def recover(folder) -> None:
+    """Undo what a killed writer left beside ``folder``: if the folder itself is missing (killed
+    between the two renames of a swap), the previous version (``.NAME.old-PID``) is put back; working
+    folders of dead writers (``.NAME.pPID-*.tmp``, ``.NAME.old-PID``) are removed. Folders of live
+    writers are left alone."""
+    folder = Path(folder)
+    parent = folder.parent
+    if not parent.is_dir():
+        return
+    mine = [p for p in parent.glob(f".{folder.name}.*") if p.is_dir()]
+    dead = [p for p in mine if (pid := _owner(p)) is not None and pid != os.getpid() and not _pid_alive(pid)]
+    if not (folder / MANIFEST).is_file():
+        olds = [p for p in dead if ".old-" in p.name and (p / MANIFEST).is_file()]
+        if olds:
+            try:
+                if folder.exists() and not any(folder.iterdir()):
+                    folder.rmdir()
+                os.replace(olds[0], folder)  # the version before the interrupted swap
+                log.warning("%s: restored the previous version (a writer was killed while swapping it)", folder)
+                _fsync_dir(parent)
+            except OSError:
+                pass  # another process recovered it first
+    for p in dead:
+        if p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of a finished folder, then the folders themselves, before it is renamed in."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
 def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by the finished folder ``tmp`` (the old one is removed after)."""
+    """Replace ``out_dir`` by the finished folder ``tmp``: flushed to disk first, then two renames
+    (old out of the way, new in) and the parent folder flushed; the old one is removed after. A kill
+    between the renames is undone by :func:`recover` (the old version comes back)."""
+    _fsync_tree(tmp)
     old = None
     if out_dir.exists():
         if not (out_dir / MANIFEST).exists() and any(out_dir.iterdir()):
             raise LookalikeError(f"{out_dir}: exists and is not a lookalike index; choose another -o")
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
+        if os.environ.get("LOOKALIKE_TEST_KILL_IN_SWAP"):  # tests: a real SIGKILL between the two renames
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
     os.replace(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def write_new(folder: Path, make) -> "Collection":
     """Write a new collection whose faiss files ``make(tmp_folder)`` writes (the sharded build
-    merges its inverted lists there) and which it returns; the rest is written here, then swapped in."""
+    merges its inverted lists there) and which it returns; the rest is written here, then swapped in.
+    Leftovers of killed writers are cleaned first."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    recover(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.p{os.getpid()}-", suffix=".tmp", dir=folder.parent))
     try:
         col = make(tmp)
         col._write_files(tmp)

@@ -34,12 +34,24 @@ class ImageEntry:
     path: Path
 
 
-def list_images(source: str | os.PathLike) -> list[ImageEntry]:
+def file_signature(path) -> str:
+    """``size:mtime_ns`` of a file (following links): a cached feature is reused only while its
+    image's signature is unchanged. ``""`` when the file cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def list_images(source: str | os.PathLike, unreadable: list | None = None) -> list[ImageEntry]:
     """All images under a folder (recursive, sorted, hidden files ignored, linked folders followed
     unless they lead back up) or listed in a text file.
 
     A list file holds one path per line, absolute or relative to the list file's folder; the line
     itself becomes the image's name. Files whose suffix is not an image suffix are ignored.
+    ``unreadable``: a list that receives ``(folder name, reason)`` for sub-folders that cannot be
+    listed (else they are logged).
     """
     source = Path(source)
     if not source.exists():
@@ -54,7 +66,19 @@ def list_images(source: str | os.PathLike) -> list[ImageEntry]:
             entries.append(ImageEntry(line, p if p.is_absolute() else source.parent / p))
     else:
         entries = []
-        for dirpath, dirnames, filenames in os.walk(source, followlinks=True):  # linked folders are part of it
+        def onerror(err: OSError) -> None:
+            where = Path(err.filename or source)
+            try:
+                name = where.relative_to(source).as_posix() + "/"
+            except ValueError:
+                name = str(where)
+            reason = "folder cannot be read: " + ("permission denied" if isinstance(err, PermissionError)
+                                                  else (err.strerror or type(err).__name__))
+            if unreadable is not None:
+                unreadable.append((name, reason))
+            log.warning("skipped %s: %s", name, reason)
+
+        for dirpath, dirnames, filenames in os.walk(source, onerror=onerror, followlinks=True):  # linked folders too
             here = os.path.realpath(dirpath)
             keep = []
             for d in sorted(d for d in dirnames if not d.startswith(".")):
@@ -126,6 +150,12 @@ def load_image(path, min_side: int | None = None, max_pixels: int | None = None)
                 return to_rgb(im)
     except BadImage:
         raise
+    except PermissionError:
+        raise BadImage("permission denied (the file cannot be read)") from None
+    except FileNotFoundError:
+        raise BadImage("file not found (removed, or a broken link)") from None
+    except IsADirectoryError:
+        raise BadImage("a folder, not an image file") from None
     except UnidentifiedImageError:
         raise BadImage("not an image Pillow can read (unknown or corrupt format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -24,8 +24,8 @@ import numpy as np
 
 from ._version import __version__
 from ._io import atomic_path, write_text_atomic
-from .catalog import BUILTIN_POOLINGS, is_lite, is_trained_model, lite_weights_file, trained_weights_file, weights_digest
-from .data import BadImage, ImageEntry, Preprocess, list_images, load_image
+from .catalog import BUILTIN_POOLINGS, is_lite, names_code, refuse_code, is_trained_model, lite_weights_file, trained_weights_file, weights_digest
+from .data import BadImage, ImageEntry, Preprocess, file_signature, list_images, load_image
 from .errors import LookalikeError, comma_choices
 from .numeric import l2n
 from .onnx_models import ort_session
@@ -94,6 +94,8 @@ class ExtractConfig:
     executor: str = "local"  # local | ray (`--engine ray`): where the chunks run
     ray_address: str | None = None  # a Ray cluster (default: a local one)
     ray_actors: int = 0  # model replicas (0: one per GPU, else cores / threads)
+    # a trained run's lookalike_model.json (or saved settings) may name package.module:factory code
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         self.tta = comma_choices(self.tta, TTA_CHOICES, "TTA")
@@ -186,7 +188,7 @@ class ExtractConfig:
     def portable_dict(self) -> dict:
         """:meth:`to_dict` without where it ran (saved in stores: queries are embedded locally)."""
         d = self.to_dict()
-        d.update(executor="local", ray_address=None, ray_actors=0)
+        d.update(executor="local", ray_address=None, ray_actors=0, trust_remote_code=False)
         return d
 
     # --- ensembles
@@ -223,9 +225,22 @@ class ExtractConfig:
         return total
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExtractConfig":
+    def from_dict(cls, d: dict, trusted: bool = False, source: str = "saved settings") -> "ExtractConfig":
+        """Settings read back from a file. Unless ``trusted`` (the user said so), they may not name
+        code to import (``package.module:factory``) and cannot grant ``trust_remote_code``."""
+        if not isinstance(d, dict):
+            raise LookalikeError(f"{source}: extraction settings are not a JSON object; rebuild the index")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        if not trusted:
+            known.pop("trust_remote_code", None)
+            models = known.get("model")
+            for m in ([models] if isinstance(models, str) else list(models or [])):
+                if names_code(m):
+                    refuse_code(m, source)
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise LookalikeError(f"{source}: extraction settings are damaged ({e}); rebuild the index") from None
 
     # --- identities
     def weights_file(self) -> str | None:
@@ -363,6 +378,8 @@ class ExtractResult:
     seconds: float
     fingerprint: str
     features: np.ndarray | None = field(default=None, repr=False)
+    signatures: list[str] | None = field(default=None, repr=False)  # per name: its file's size:mtime
+    n_changed: int = 0  # cached rows whose file changed since (extracted again)
 
     @property
     def rate(self) -> float:
@@ -372,6 +389,8 @@ class ExtractResult:
         s = f"{label}: {len(self.names)} done, {len(self.skipped)} skipped"
         if self.n_reused:
             s += f", {self.n_reused} reused from cache"
+        if self.n_changed:
+            s += f", {self.n_changed} changed since cached"
         return s + f", {self.n_extracted} extracted in {self.seconds:.1f} s ({self.rate:.1f} images/s)"
 
 
@@ -407,7 +426,7 @@ class Extractor:
         if c.kind == "embedding":
             raise LookalikeError(f"{c.model}: an ONNX embedding model has no torch module; use a torch backbone")
         if is_trained_model(c.model):
-            return load_trained(c.model)
+            return load_trained(c.model, trust_remote_code=c.trust_remote_code)
         bb = create_backbone(c.model, c.weights)
         return Embedder(bb.module, c.pooling, c.gem_p).eval()
 
@@ -564,10 +583,12 @@ class Extractor:
 
         t0 = time.perf_counter()
         c = self.config
-        entries = list_images(images)
+        unlisted: list[tuple[str, str]] = []
+        entries = list_images(images, unreadable=unlisted)
+        signature = {e.name: file_signature(e.path) for e in entries}  # a cached row is reused only if unchanged
         fp = c.fingerprint()
         output = Path(output) if output else None
-        have: dict[str, tuple[object, int]] = {}  # name -> (array, row)
+        have: dict[str, tuple[object, int, str | None]] = {}  # name -> (array, row, file signature then)
         prior_names: list[str] = []
         prior_skipped: list[tuple[str, str]] = []
         if output is not None and output.exists():
@@ -579,12 +600,18 @@ class Extractor:
                 )
             store = read_store(output, dtype=np.float32)
             prior_names, prior_skipped = store.names, store.skipped
+            sigs = store.signatures or [None] * len(store.names)  # stores without them: every row counts as changed
             for i, n in enumerate(store.names):
-                have[n] = (store.features, i)
+                have[n] = (store.features, i, sigs[i])
         parts_dir = output.with_name(output.name + ".parts") if output else None
         next_part = 0
         if parts_dir is not None and parts_dir.exists():
             next_part = self._load_parts(parts_dir, fp, have)
+        stale = [e.name for e in entries if e.name in have and (not signature[e.name] or have[e.name][2] != signature[e.name])]
+        for n in stale:
+            del have[n]
+        if stale:
+            log.info("%d cached images changed since they were embedded; extracting them again", len(stale))
         n_reused = sum(1 for e in entries if e.name in have)
         todo = [e for e in entries if e.name not in have]
         skipped: list[tuple[str, str]] = []
@@ -608,36 +635,46 @@ class Extractor:
                     log.warning("skipped %s: %s", name, reason)
                 if good_names:
                     for i, n in enumerate(good_names):
-                        have[n] = (feats, i)
+                        have[n] = (feats, i, signature[n])
                     if parts_dir is not None:
-                        self._write_part(parts_dir / f"part-{next_part:06d}.npz", good_names, feats)
+                        self._write_part(parts_dir / f"part-{next_part:06d}.npz", good_names, feats,
+                                         [signature[n] for n in good_names])
                         next_part += 1
                 n_new += len(good_names)
                 bar.update(len(chunk))
         finally:
             done.close()
             bar.close()
+        skipped = unlisted + skipped
         names = [e.name for e in entries if e.name in have]
-        result = ExtractResult(output, names, n_new, n_reused, skipped, 0.0, fp)
-        dim = next((arr.shape[1] for arr, _ in have.values()), 0)
+        result = ExtractResult(output, names, n_new, n_reused, skipped, 0.0, fp, n_changed=len(stale))
+        dim = next((arr.shape[1] for arr, _, _ in have.values()), 0)
+        skipped_csv = output.with_name(output.stem + ".skipped.csv") if output is not None else None
         if not names:
-            raise LookalikeError(f"{images}: none of the {len(entries)} images could be read; see the skipped list")
+            if skipped_csv is not None:
+                write_skipped_csv(skipped_csv, skipped)
+            first = f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+            raise LookalikeError(f"{images}: none of the {len(entries)} images could be read{first}"
+                                 + (f"; every reason is in {skipped_csv}" if skipped_csv else ""))
         features = np.empty((len(names), dim), np.float32)
         for i, n in enumerate(names):
-            arr, row = have[n]
+            arr, row, _ = have[n]
             features[i] = arr[row]
+        result.signatures = [signature[n] for n in names]
         if c.dtype == "float16":  # what the store holds, so a run in memory equals one read back from disk
             features = features.astype(np.float16).astype(np.float32)
         result.features = features
         if not self._members:
             self._dims = [dim]
         if output is not None:
-            changed = n_new > 0 or names != prior_names or next_part > 0 or sorted(prior_skipped) != sorted(skipped)
+            changed = (n_new > 0 or names != prior_names or next_part > 0 or sorted(prior_skipped) != sorted(skipped)
+                       or stale)
             if changed or not output.exists():
-                write_store(output, names, features, self.store_attrs(), skipped, dtype=c.dtype)
+                write_store(output, names, features, self.store_attrs(), skipped, dtype=c.dtype,
+                            signatures=result.signatures)
             if parts_dir is not None and parts_dir.exists():
                 shutil.rmtree(parts_dir, ignore_errors=True)
-            write_skipped_csv(output.with_name(output.stem + ".skipped.csv"), skipped)
+            write_skipped_csv(skipped_csv, skipped)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -652,10 +689,10 @@ class Extractor:
                     members=json.dumps(info), created_by=f"lookalike {__version__}")
 
     @staticmethod
-    def _write_part(path: Path, names: list[str], feats: np.ndarray) -> None:
+    def _write_part(path: Path, names: list[str], feats: np.ndarray, signatures: list[str]) -> None:
         with atomic_path(path, suffix=".npz") as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, names=np.array(names, dtype=str), features=feats)
+                np.savez(f, names=np.array(names, dtype=str), features=feats, signatures=np.array(signatures, dtype=str))
 
     @staticmethod
     def _load_parts(parts_dir: Path, fp: str, have: dict) -> int:
@@ -672,11 +709,12 @@ class Extractor:
             try:
                 with np.load(p, allow_pickle=False) as z:
                     names, feats = list(z["names"]), z["features"]
+                    sigs = [str(s) for s in z["signatures"]] if "signatures" in z.files else [None] * len(names)
             except Exception as e:  # a part is only ever renamed in whole; be safe anyway
                 log.warning("ignoring unreadable %s (%s)", p, e)
                 continue
             for i, n in enumerate(names):
-                have[str(n)] = (feats, i)
+                have[str(n)] = (feats, i, sigs[i] if i < len(sigs) else None)
             last = max(last, int(p.stem.split("-")[1]))
         return last + 1
 

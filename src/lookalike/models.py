@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .catalog import lite_weights_file, read_model_meta
+from .catalog import MODEL_FILE, lite_weights_file, names_code, read_model_meta, refuse_code
 from .errors import LookalikeError
 
 log = logging.getLogger(__name__)
@@ -286,10 +286,13 @@ class EnsembleEmbedder(nn.Module):
         return torch.cat([F.normalize(m(images), dim=1) * w for m, w in zip(self.members, self.weights)], dim=1)
 
 
-def load_trained(run_dir) -> "Embedder":
-    """A model exported by ``lookalike train``: ``lookalike_model.json`` + fp16 state dict."""
+def load_trained(run_dir, trust_remote_code: bool = False) -> "Embedder":
+    """A model exported by ``lookalike train``: ``lookalike_model.json`` + fp16 state dict. The
+    description may name code to import (``package.module:factory``) only with ``trust_remote_code``."""
     run_dir = Path(run_dir)
     meta = read_model_meta(run_dir)
+    if names_code(meta.get("backbone")) and not trust_remote_code:
+        refuse_code(meta["backbone"], run_dir / MODEL_FILE)
     bb = create_backbone(meta["backbone"], meta.get("backbone_weights"))
     head = CGDHead(bb.channels, meta["descriptors"], meta["dim"], meta.get("gem_p", 3.0))
     emb = Embedder(bb.module, head=head)

@@ -415,6 +415,22 @@ class RerankParam:
     tune: tuple = ()  # the values the default grid of `lookalike tune` tries; () = only the default
     tune_below_gallery: bool = False  # the grid skips values >= the gallery size (neighbour counts)
     step: str = ""  # the step that owns it; filled in by register_rerank_step
+    low: float | None = None  # accepted values: low <= value <= high (None: unbounded); the CLI checks them too
+    high: float | None = None
+
+    def check(self, value):
+        """``value`` as this parameter's type, within its bounds; else a one-line error."""
+        try:
+            v = self.type(value)
+            if isinstance(value, bool) or (self.type is int and float(value) != v):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise LookalikeError(f"{self.option} {value!r}: not a{'n integer' if self.type is int else ' number'}") from None
+        if v != v or (self.low is not None and v < self.low) or (self.high is not None and v > self.high):
+            lo = "" if self.low is None else f"{self.low:g} <= "
+            hi = "" if self.high is None else f" <= {self.high:g}"
+            raise LookalikeError(f"{self.option} {value!r}: give {lo}{self.option[2:]}{hi}")
+        return v
 
     @property
     def option(self) -> str:
@@ -534,7 +550,8 @@ class RerankConfig:
         unknown = [n for n in params if n not in _PARAMS]
         if unknown:
             raise TypeError(f"RerankConfig: unknown parameter {unknown[0]!r}; known: {', '.join(_PARAMS)}")
-        object.__setattr__(self, "_params", {n: params.get(n, prm.default) for n, prm in _PARAMS.items()})
+        object.__setattr__(self, "_params", {n: prm.check(params[n]) if n in params else prm.default
+                                             for n, prm in _PARAMS.items()})
         self.steps = comma_choices(steps, RERANK_STEPS, "re-ranking step")
         finals = [st for st in self.steps if _STEPS[st].final]
         if len(finals) > 1 or (finals and self.steps[-1] != finals[0]):
@@ -601,7 +618,17 @@ def as_rerank_config(rerank) -> RerankConfig | None:
             data = json.loads(Path(text).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise LookalikeError(f"{text}: cannot read a re-ranking config ({type(e).__name__}); write one with `lookalike tune`") from None
-        return as_rerank_config(data.get("rerank", data))
+        if isinstance(data, dict) and "rerank" in data and data["rerank"] is None:
+            return None  # chosen: no re-ranking (settings files written by `tune --self`)
+        chain = data.get("rerank", data) if isinstance(data, dict) else None
+        if chain is not None and not isinstance(chain, dict):
+            chain = None
+        if chain is None or "steps" not in chain or not isinstance(chain["steps"], (list, str)):
+            raise LookalikeError(f"{text}: not a re-ranking config (no list of steps); write one with `lookalike tune`")
+        try:
+            return as_rerank_config(RerankConfig.from_dict(chain))
+        except TypeError as e:
+            raise LookalikeError(f"{text}: damaged re-ranking config ({e}); write one with `lookalike tune`") from None
     return as_rerank_config(RerankConfig(steps=text))
 
 
@@ -641,25 +668,25 @@ def _apply_df(q, g, k, c):
 
 
 register_rerank_step("dba", _apply_dba, params=(
-    RerankParam("dba_k", int, 2, "DBA: gallery neighbours averaged into each gallery vector (itself included).",
+    RerankParam("dba_k", int, 2, low=1, high=10000, help="DBA: gallery neighbours averaged into each gallery vector (itself included).",
                 tune=(2, 3, 5)),
-    RerankParam("dba_alpha", float, 3.0, "DBA: similarity exponent of the weights (0: plain mean).", tune=(0.0, 3.0)),
+    RerankParam("dba_alpha", float, 3.0, low=0, high=100, help="DBA: similarity exponent of the weights (0: plain mean).", tune=(0.0, 3.0)),
 ))
 register_rerank_step("qe", _apply_qe, label="alpha-QE", params=(
-    RerankParam("qe_k", int, 2, "Query expansion (qe, aqe): gallery neighbours added to each query.", tune=(1, 2, 3, 5)),
-    RerankParam("qe_alpha", float, 3.0, "qe: similarity exponent of the weights (aqe: 0).", tune=(0.0, 3.0)),
+    RerankParam("qe_k", int, 2, low=1, high=10000, help="Query expansion (qe, aqe): gallery neighbours added to each query.", tune=(1, 2, 3, 5)),
+    RerankParam("qe_alpha", float, 3.0, low=0, high=100, help="qe: similarity exponent of the weights (aqe: 0).", tune=(0.0, 3.0)),
 ))
 # average QE is qe with qe_alpha=0 (its k is qe_k), which the grid already tries
 register_rerank_step("aqe", _apply_aqe, tune=False)
 register_rerank_step("kr", _apply_kr, final=True, label="k-reciprocal", params=(
-    RerankParam("k1", int, 20, "k-reciprocal neighbourhood.", tune=(10, 20), tune_below_gallery=True),
-    RerankParam("k2", int, 6, "k-reciprocal local query expansion.", tune=(3, 6)),
-    RerankParam("kr_lambda", float, 0.3, "Weight of the original distance.", tune=(0.1, 0.3, 0.6)),
+    RerankParam("k1", int, 20, low=1, high=100000, help="k-reciprocal neighbourhood.", tune=(10, 20), tune_below_gallery=True),
+    RerankParam("k2", int, 6, low=1, high=100000, help="k-reciprocal local query expansion.", tune=(3, 6)),
+    RerankParam("kr_lambda", float, 0.3, low=0, high=1, help="Weight of the original distance.", tune=(0.1, 0.3, 0.6)),
 ))
 register_rerank_step("df", _apply_df, final=True, label="diffusion", params=(
-    RerankParam("df_k", int, 30, "Diffusion: gallery k-NN graph size.", tune=(10, 20, 50), tune_below_gallery=True),
-    RerankParam("df_query_k", int, 10, "Diffusion: query neighbours seeded.", tune=(5, 10)),
-    RerankParam("df_gamma", float, 3.0, "Diffusion: similarity exponent."),
-    RerankParam("df_alpha", float, 0.99, "Diffusion: walk continuation (0..1).", tune=(0.9, 0.99)),
-    RerankParam("df_iters", int, 20, "Diffusion: conjugate-gradient iterations at most."),
+    RerankParam("df_k", int, 30, low=1, high=100000, help="Diffusion: gallery k-NN graph size.", tune=(10, 20, 50), tune_below_gallery=True),
+    RerankParam("df_query_k", int, 10, low=1, high=100000, help="Diffusion: query neighbours seeded.", tune=(5, 10)),
+    RerankParam("df_gamma", float, 3.0, low=0, high=100, help="Diffusion: similarity exponent."),
+    RerankParam("df_alpha", float, 0.99, low=0, high=0.9999, help="Diffusion: walk continuation (0..1).", tune=(0.9, 0.99)),
+    RerankParam("df_iters", int, 20, low=1, high=10000, help="Diffusion: conjugate-gradient iterations at most."),
 ))

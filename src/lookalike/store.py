@@ -35,6 +35,7 @@ class FeatureStore:
     features: np.ndarray
     attrs: dict = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    signatures: list[str] | None = None  # per row, the image file's size:mtime when it was embedded
 
     @property
     def dim(self) -> int:
@@ -85,9 +86,12 @@ def read_store(path: str | os.PathLike, dtype=np.float32) -> FeatureStore:
         skipped = []
         if "skipped_names" in f:
             skipped = list(zip(_decode(f["skipped_names"][()]), _decode(f["skipped_reasons"][()])))
+        signatures = _decode(f["signatures"][()]) if "signatures" in f else None
     if feats.ndim != 2 or feats.shape[0] != len(names):
         raise LookalikeError(f"{path}: features {feats.shape} and {len(names)} names disagree; re-extract")
-    return FeatureStore(names, feats, attrs, skipped)
+    if signatures is not None and len(signatures) != len(names):
+        signatures = None  # not trusted: every row counts as changed
+    return FeatureStore(names, feats, attrs, skipped, signatures)
 
 
 def write_store(
@@ -99,8 +103,10 @@ def write_store(
     dtype: str = "float32",
     n: int | None = None,
     dim: int | None = None,
+    signatures: list[str] | None = None,
 ) -> None:
-    """Write a store atomically. ``features`` is an array or an iterable of row blocks (streamed)."""
+    """Write a store atomically. ``features`` is an array or an iterable of row blocks (streamed);
+    ``signatures``: per row, the image file's ``size:mtime`` (what extraction caches are checked by)."""
     if isinstance(features, np.ndarray):
         n, dim, blocks = features.shape[0], features.shape[1], [features]
     else:
@@ -119,6 +125,10 @@ def write_store(
             if row != n:
                 raise ValueError(f"wrote {row} rows, expected {n}")
             f.create_dataset("names", data=np.array(names, dtype=object), dtype=STR)
+            if signatures is not None:
+                if len(signatures) != n:
+                    raise ValueError(f"{len(signatures)} signatures for {n} rows")
+                f.create_dataset("signatures", data=np.array(signatures, dtype=object), dtype=STR)
             f.create_dataset("skipped_names", data=np.array([s[0] for s in skipped], dtype=object), dtype=STR)
             f.create_dataset("skipped_reasons", data=np.array([s[1] for s in skipped], dtype=object), dtype=STR)
             for k, v in attrs.items():

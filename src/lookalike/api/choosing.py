@@ -88,19 +88,20 @@ def reweighted(extractor, g, weights, path: Path):
     if cfg.dtype == "float16":  # what the store holds
         feats = feats.astype(np.float16).astype(np.float32)
     if not path.exists() or read_store(path).names != g.names:
-        write_store(path, g.names, feats, ex.store_attrs(), g.skipped, dtype=cfg.dtype)
+        write_store(path, g.names, feats, ex.store_attrs(), g.skipped, dtype=cfg.dtype, signatures=g.signatures)
     return ex, path, feats
 
 
 def tune(index_dir, labels, queries=None, query_features=None, output=None, k: int = 10, workdir=None,
-         progress: bool = False, log=None) -> list:
+         progress: bool = False, log=None, trust_remote_code: bool = False) -> list:
     """``lookalike tune``: grid-search post-processing chains with labelled validation queries against
     an index; writes the best chain (and the whole table) as JSON for ``search --rerank FILE``."""
     from ..tune import tune as _tune
     from .queries import query_rows
 
     col = Collection.open(index_dir)
-    names, feats, _ = query_rows(col, index_dir, queries, query_features, workdir, progress)
+    names, feats, _ = query_rows(col, index_dir, queries, query_features, workdir, progress,
+                                 {"trust_remote_code": True} if trust_remote_code else None)
     label_of = read_labels(labels)
     gallery = col.live_names()
     for kind, group in (("query", names), ("gallery image", gallery)):
@@ -120,7 +121,8 @@ def tune(index_dir, labels, queries=None, query_features=None, output=None, k: i
     return results
 
 
-def tune_gallery(index_dir, output=None, self_: bool = False, gallery_labels=None, progress: bool = False):
+def tune_gallery(index_dir, output=None, self_: bool = False, gallery_labels=None, progress: bool = False,
+                 trust_remote_code: bool = False):
     """``lookalike tune INDEX --self`` / ``--gallery-labels``: choose ensemble weights, whitening and
     re-ranking from the indexed gallery (its classes, or pseudo-queries of its photos); writes the
     choice and its table as JSON for ``run --select FILE`` (and ``search --rerank FILE``)."""
@@ -140,7 +142,7 @@ def tune_gallery(index_dir, output=None, self_: bool = False, gallery_labels=Non
         raise LookalikeError(f"{index_dir}: records no extraction settings (built from decoded codes or an old "
                              "store); choose with `lookalike run --select self` on the images instead")
     store = read_store(store_path)
-    extractor = Extractor(col.extract_config())
+    extractor = Extractor(col.extract_config(**({"trust_remote_code": True} if trust_remote_code else {})))
     classes = None if self_ else gallery_classes(root if root.is_dir() else None, store.names, gallery_labels)
     if classes is None and not self_:
         raise LookalikeError(f"{index_dir}: its gallery has no class folders; give --gallery-labels, or --self")

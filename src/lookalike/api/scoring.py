@@ -24,7 +24,7 @@ class EvaluateConfig:
 
 def evaluate(results, labels, k: int = 10, gallery=None, normalization: str = "min", output_json=None,
              per_query_csv=None, report=None, query_dir=None, gallery_dir=None, report_queries: int = 50,
-             cam: int = 0, model=None) -> dict:
+             cam: int = 0, model=None, trust_remote_code: bool = False) -> dict:
     """``lookalike evaluate``: metrics of a results file against an ``image,label`` CSV.
 
     The gallery (for counting relevant images) is ``gallery`` — an index folder, a feature store or
@@ -33,6 +33,8 @@ def evaluate(results, labels, k: int = 10, gallery=None, normalization: str = "m
     first-correct ranks and, with ``cam`` > 0, activation maps; image folders default to those in
     ``RESULTS.config.json`` (written by ``run`` and ``search``), the model to the one used there.
     """
+    if not isinstance(k, int) or k < 1:
+        raise LookalikeError(f"k={k}: the metrics need k >= 1 (mAP@k, recall@k)")
     ranked_by_q = read_results(results)
     label_of = read_labels(labels)
     queries = list(ranked_by_q)
@@ -70,7 +72,7 @@ def evaluate(results, labels, k: int = 10, gallery=None, normalization: str = "m
     if report:
         from ..report import write_report
 
-        q_root, g_root, ext_cfg = _report_sources(results)
+        q_root, g_root, ext_cfg = _report_sources(results, trust_remote_code, with_model=cam > 0)
         if model:
             from ..extract import ExtractConfig
 
@@ -96,7 +98,8 @@ def _gallery_names(gallery) -> list[str]:
     raise LookalikeError(f"{gallery}: give an index folder, a feature store (.h5) or a text file of gallery names")
 
 
-def _report_sources(results) -> tuple[Path | None, Path | None, object | None]:
+def _report_sources(results, trust_remote_code: bool = False,
+                    with_model: bool = True) -> tuple[Path | None, Path | None, object | None]:
     """(query images, gallery images, ExtractConfig) of the run or search that wrote ``results``,
     from ``RESULTS.config.json`` and the collection it names; missing parts are None."""
     from ..collection import Collection
@@ -108,23 +111,25 @@ def _report_sources(results) -> tuple[Path | None, Path | None, object | None]:
         cfg = {}
     if not isinstance(cfg, dict):
         cfg = {}
-    q = cfg.get("queries")
-    q = Path(q) if q and not str(q).endswith((".h5", ".hdf5")) else None
-    index = cfg.get("index_dir") if cfg.get("command") == "run" else cfg.get("index")
+    text = lambda key: cfg.get(key) if isinstance(cfg.get(key), str) and cfg.get(key) else None  # noqa: E731
+    q = text("queries")
+    q = Path(q) if q and not q.endswith((".h5", ".hdf5")) else None
+    index = text("index_dir") if cfg.get("command") == "run" else text("index")
     col = None
     if index and Collection.exists(index):
         try:
             col = Collection.open(index, replay=False)
         except LookalikeError:
             col = None
-    gallery = Path(cfg["gallery"]) if cfg.get("command") == "run" and cfg.get("gallery") else (col.image_root if col else None)
+    gallery = Path(text("gallery")) if cfg.get("command") == "run" and text("gallery") else (col.image_root if col else None)
+    trust = {"trust_remote_code": True} if trust_remote_code else {}
+    if not with_model:
+        return q, gallery, None
     if col is not None and col.has_extract_config:
-        return q, gallery, col.extract_config()
+        return q, gallery, col.extract_config(**trust)
     if isinstance(cfg.get("extract"), dict):  # results of a run whose collection is gone (or older runs)
         from ..extract import ExtractConfig
 
-        try:
-            return q, gallery, ExtractConfig.from_dict(cfg["extract"])
-        except (LookalikeError, TypeError, ValueError):
-            return q, gallery, None
+        return q, gallery, ExtractConfig.from_dict({**cfg["extract"], **trust}, trusted=trust_remote_code,
+                                                   source=str(cfg_path))
     return q, gallery, None

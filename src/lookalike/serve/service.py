@@ -29,12 +29,30 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = 10.0  # request bodies above this get 413
-    timeout: float = 30.0  # seconds per request before 504
-    api_key: str | None = None  # when set, POST/DELETE /items need the header X-API-Key
+    timeout: float = 30.0  # seconds per request before 504 (a write that has begun its commit is finished)
+    api_key: str | None = None  # when set, writes (POST/DELETE /items) need the header X-API-Key
     k_max: int = 100
     thumb_size: int = 256
     max_pixels: int = 40_000_000  # decompression-bomb guard for uploads
     threads: int = 0  # inference threads (0 = all cores)
+    allow_anonymous_writes: bool = False  # without api_key, writes get 403 unless this is set
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides the bind address, localhost,
+    # 127.0.0.1 and [::1] (e.g. a reverse proxy's public name); "*" accepts any (no DNS-rebinding guard)
+    header_timeout: float = 10.0  # seconds to send a request head (counted from the connection or the
+    # previous response), and to finish sending a body the server has already answered
+    max_connections: int = 512  # above this, the oldest connection waiting for a request head is closed
+    max_in_flight: int = 64  # requests handled at once; more get 503 with Retry-After
+    trust_remote_code: bool = False  # the collection's saved settings may name package.module:factory code
+
+    def __post_init__(self):
+        hosts = self.allowed_hosts
+        self.allowed_hosts = (hosts,) if isinstance(hosts, str) else tuple(str(h) for h in hosts or ())
+        for field in ("timeout", "header_timeout", "max_upload_mb"):
+            if not getattr(self, field) > 0:
+                raise LookalikeError(f"serve: {field} must be positive, got {getattr(self, field)}")
+        for field in ("max_connections", "max_in_flight"):
+            if getattr(self, field) < 1:
+                raise LookalikeError(f"serve: {field} must be at least 1, got {getattr(self, field)}")
 
 
 class HTTPError(Exception):
@@ -42,6 +60,31 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class Ticket:
+    """One write request, shared by the HTTP layer and the service so that a timeout never reports
+    a change that was made (nor makes one it reported as failed): the service calls
+    :meth:`begin_commit` under its lock right before changing the collection; the HTTP layer calls
+    :meth:`cancel` when the request times out. Whichever comes first wins: a cancelled ticket never
+    commits; a committing one is waited for and answered normally."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.state = "pending"  # -> "committing" | "cancelled"
+
+    def begin_commit(self) -> None:
+        with self._lock:
+            if self.state == "cancelled":
+                raise HTTPError(504, "the request timed out before the change was made; nothing was changed")
+            self.state = "committing"
+
+    def cancel(self) -> bool:
+        """True: cancelled, the change will not be made; False: the commit has begun (wait for it)."""
+        with self._lock:
+            if self.state == "pending":
+                self.state = "cancelled"
+            return self.state == "cancelled"
 
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
@@ -87,12 +130,14 @@ class SearchService:
         self.path = Path(collection_dir)
         self.col = Collection.open(self.path)  # replays the journal
         self.extractor = extractor or Extractor(
-            self.col.extract_config(**({"threads": self.config.threads} if self.config.threads else {})))
+            self.col.extract_config(**({"threads": self.config.threads} if self.config.threads else {}),
+                                    **({"trust_remote_code": True} if self.config.trust_remote_code else {})))
         self.model_id = self.extractor.config.model_id()
         self.lock = threading.Lock()
         self.counters = dict(searches=0, adds=0, deletes=0, errors=0)
         self.started = time.time()
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._changes = 0  # add/delete count: a thumbnail rendered across a change is not cached
         self._batcher = Batcher(self._search_block)
         # build the model runner now: the first request must not pay for it (nor time out on it)
         self.extractor.embed_images([Image.new("RGB", (64, 64), (127, 127, 127))])
@@ -129,7 +174,7 @@ class SearchService:
                 out.append(hits[:k])
         return out
 
-    def add(self, name: str, data: bytes, img: Image.Image) -> dict:
+    def add(self, name: str, data: bytes, img: Image.Image, ticket: Ticket | None = None) -> dict:
         check_name(name)
         with self.lock:
             if name in self.col.row_of:
@@ -138,19 +183,28 @@ class SearchService:
         with self.lock:
             if name in self.col.row_of:
                 raise HTTPError(409, f"{name!r} is already in the collection")
+            if ticket is not None:
+                ticket.begin_commit()
             try:
                 self.col.add([name], feat, record=True, files={name: data})
             except LookalikeError as e:
                 raise HTTPError(409, str(e)) from None
+            finally:
+                self._changes += 1
             self._thumbs.pop(name, None)
             self.counters["adds"] += 1
             return dict(name=name, count=len(self.col), thumbnail=thumbnail_url(name))
 
-    def delete(self, name: str) -> dict:
+    def delete(self, name: str, ticket: Ticket | None = None) -> dict:
         with self.lock:
             if name not in self.col.row_of:
                 raise HTTPError(404, f"no item named {name!r}")
-            self.col.remove([name], record=True)
+            if ticket is not None:
+                ticket.begin_commit()
+            try:
+                self.col.remove([name], record=True)
+            finally:
+                self._changes += 1
             self._thumbs.pop(name, None)
             self.counters["deletes"] += 1
             return dict(deleted=name, count=len(self.col))
@@ -168,6 +222,7 @@ class SearchService:
             if hit is not None:
                 self._thumbs.move_to_end(name)
                 return hit
+            changes = self._changes
         from ..data import BadImage, load_image
 
         path = self.image_path(name)
@@ -180,7 +235,7 @@ class SearchService:
         img.save(buf, "JPEG", quality=85)
         data = buf.getvalue()
         with self.lock:
-            if name in self.col.row_of:
+            if name in self.col.row_of and self._changes == changes:  # not across a DELETE + POST of the name
                 self._thumbs[name] = data
                 while len(self._thumbs) > 2048:
                     self._thumbs.popitem(last=False)
