@@ -161,11 +161,11 @@ def test_a_kill_between_the_two_renames_is_undone(gallery, tmp_path):
     p = subprocess.run([sys.executable, "-m", "lookalike.cli", "update", str(tmp_path / "idx"), "--remove",
                         str(tmp_path / "gone.txt")], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == -9, p.stderr
-    left = sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".idx."))
+    left = sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".idx.") and q.is_dir())
     assert not (tmp_path / "idx").exists() and any(".old-" in n for n in left) and any(n.endswith(".tmp") for n in left)
     col = Collection.open(tmp_path / "idx")  # the previous version is back, the leftovers are gone
     assert len(col) == 300 and names[0] in col.live_names()
-    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".idx.")]
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".idx.")] == [".idx.lock"]  # only the lock file
     # and the interrupted command, run again, completes
     p = subprocess.run([sys.executable, "-m", "lookalike.cli", "update", str(tmp_path / "idx"), "--remove",
                         str(tmp_path / "gone.txt")], capture_output=True, text=True, timeout=120)
@@ -206,3 +206,43 @@ def test_the_service_adds_ivf_rows_under_their_own_names_after_an_update_removal
     kept = sorted(p.name for p in (tmp_path / "imgs").glob("*.jpg"))[20]
     service.delete(kept)
     assert service.search(img, 1)[0]["name"] == "uploads/new.jpg" and service.stats()["items"] == 40
+
+
+def test_update_refuses_a_folder_that_is_being_served(tmp_path):
+    """A running service owns its folder: `update` would otherwise swap the folder under it and the
+    service's later journal lines would go to the old, deleted copy."""
+    from conftest import lookalike_cli
+    from lookalike.collection import FolderLock
+
+    x = np.eye(4, dtype=np.float32)
+    write_store(tmp_path / "g.h5", [f"g{i}.jpg" for i in range(4)], x, {"model_id": "m"})
+    build_index(tmp_path / "g.h5", tmp_path / "c")
+    (tmp_path / "gone.txt").write_text("g0.jpg\n")
+    held = FolderLock(tmp_path / "c", "changed by another command: it is being served").acquire()  # what serve holds
+    p = lookalike_cli("update", tmp_path / "c", "--remove", tmp_path / "gone.txt")
+    assert p.returncode == 2 and "in use (pid" in p.stderr and "Stop the server" in p.stderr, p.stderr
+    assert len(Collection.open(tmp_path / "c")) == 4
+    held.release()
+    assert lookalike_cli("update", tmp_path / "c", "--remove", tmp_path / "gone.txt").returncode == 0
+    assert len(Collection.open(tmp_path / "c")) == 3
+
+
+def test_thumbnails_follow_links_the_gallery_contains(tmp_path):
+    """Gallery files that are links (to photos kept elsewhere) are shown; names not in the
+    collection never are."""
+    import os
+
+    from PIL import Image
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (8, 8)).save(elsewhere / "real.jpg")
+    (tmp_path / "imgs").mkdir()
+    os.symlink(elsewhere / "real.jpg", tmp_path / "imgs" / "linked.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "plain.jpg")
+    write_store(tmp_path / "g.h5", ["linked.jpg", "plain.jpg"], np.eye(2, 4, dtype=np.float32), {"model_id": "m"})
+    col = build_index(tmp_path / "g.h5", tmp_path / "c", image_root=str(tmp_path / "imgs"))
+    assert col.image_path("linked.jpg").resolve() == (elsewhere / "real.jpg").resolve()
+    for outsider in ("../elsewhere/real.jpg", str(elsewhere / "real.jpg"), "missing.jpg"):
+        with pytest.raises(LookalikeError, match="no image named"):
+            col.image_path(outsider)

@@ -625,21 +625,71 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class FolderLock:
+    """An exclusive advisory lock on a collection folder (``.NAME.lock`` beside it, so it survives
+    the swap): held by every writer (``save``, ``index``, ``update``) while it writes, and by a
+    running service for its lifetime, so ``update`` cannot rewrite a folder under a live server
+    (whose journal would then be lost) and two services cannot change one folder. Readers take no
+    lock. Where ``fcntl`` is missing (Windows) it does nothing."""
+
+    def __init__(self, folder, what: str = "written"):
+        self.folder, self.what, self.fd = Path(folder), what, None
+
+    def acquire(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        path = self.folder.parent / f".{self.folder.name}.lock"
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+            except OSError:
+                holder = ""
+            os.close(self.fd)
+            self.fd = None
+            raise LookalikeError(f"{self.folder}: in use ({holder or 'another lookalike process'}); it cannot be "
+                                 f"{self.what} now. Stop the server (a served collection changes through its "
+                                 "/items endpoints), or wait for the other command") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()}: {self.what}".encode(), 0)
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+    def __del__(self):
+        self.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 def write_new(folder: Path, make) -> "Collection":
     """Write a new collection whose faiss files ``make(tmp_folder)`` writes (the sharded build
     merges its inverted lists there) and which it returns; the rest is written here, then swapped in.
     Leftovers of killed writers are cleaned first."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    recover(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.p{os.getpid()}-", suffix=".tmp", dir=folder.parent))
-    try:
-        col = make(tmp)
-        col._write_files(tmp)
-        _swap_in(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with FolderLock(folder, "rewritten"):
+        recover(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.p{os.getpid()}-", suffix=".tmp", dir=folder.parent))
+        try:
+            col = make(tmp)
+            col._write_files(tmp)
+            _swap_in(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     col.path = folder
     return col
 

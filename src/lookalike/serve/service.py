@@ -123,11 +123,13 @@ class SearchService:
     """The collection, the query embedder and one lock around every use of the collection."""
 
     def __init__(self, collection_dir, config: ServeConfig | None = None, extractor=None):
-        from ..collection import Collection
+        from ..collection import Collection, FolderLock
         from ..extract import Extractor
 
         self.config = config or ServeConfig()
         self.path = Path(collection_dir)
+        # one owner of the folder while it is served: `update` (or a second server) would lose changes
+        self._folder_lock = FolderLock(self.path, "changed by another command: it is being served").acquire()
         self.col = Collection.open(self.path)  # replays the journal
         self.extractor = extractor or Extractor(
             self.col.extract_config(**({"threads": self.config.threads} if self.config.threads else {}),
