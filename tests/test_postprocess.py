@@ -260,3 +260,26 @@ def test_rerank_chain_rules():
     with pytest.raises(LookalikeError, match="put it last"):
         RerankConfig(steps="df,qe")
     assert RerankConfig(steps="dba,aqe,df").steps == ("dba", "aqe", "df")
+
+
+def test_truncated_diffusion_is_the_whole_graph_when_it_covers_the_gallery_and_stays_in_the_top_k():
+    from lookalike.numeric import knn, l2n
+    from lookalike.postprocess import TRUNCATE_ABOVE, diffusion_rerank
+
+    rng = np.random.default_rng(5)
+    c = rng.normal(size=(20, 16)).astype(np.float32)
+    lg, lq = rng.integers(0, 20, 400), rng.integers(0, 20, 30)
+    g = l2n(c[lg] + 1.2 * rng.normal(size=(400, 16)).astype(np.float32))
+    q = l2n(c[lq] + 1.2 * rng.normal(size=(30, 16)).astype(np.float32))
+    whole = diffusion_rerank(q, g, 10, truncate=0)
+    for K in (400, 10_000):  # K >= gallery: exactly the whole graph
+        s, i = diffusion_rerank(q, g, 10, truncate=K)
+        assert np.array_equal(i, whole[1]) and np.array_equal(s, whole[0])
+    assert len(g) <= TRUNCATE_ABOVE and np.array_equal(diffusion_rerank(q, g, 10)[1], whole[1])  # default: whole graph
+    s, i = diffusion_rerank(q, g, 10, truncate=50)
+    _, top50 = knn(q, g, 50)
+    assert all(set(row) <= set(t) for row, t in zip(i, top50))  # only the query's subgraph is ranked
+    assert (np.diff(s, axis=1) <= 0).all() and len({tuple(r) for r in i}) > 1
+    # and it diffuses: the same class gathers at least as well as the plain top 10 on this clustered data
+    plain = (lg[top50[:, :10]] == lq[:, None]).mean()
+    assert (lg[i] == lq[:, None]).mean() >= plain - 0.02

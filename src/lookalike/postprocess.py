@@ -344,18 +344,33 @@ def gallery_graph(gallery: np.ndarray, k: int = 30, gamma: float = 3.0):
     return (sparse.diags(inv) @ W @ sparse.diags(inv)).tocsr()
 
 
+TRUNCATE_ABOVE = 10_000  # galleries larger than this diffuse on each query's top-DF_TRUNCATE subgraph
+DF_TRUNCATE = 2_000
+
+
 def diffusion_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, graph_k: int = 30, query_k: int = 10,
                      gamma: float = 3.0, alpha: float = 0.99, iters: int = 20, graph=None,
-                     max_cells: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+                     max_cells: int = 1 << 25, truncate: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Diffusion on the gallery's k-NN graph (Iscen et al., CVPR 2017): for each query solve
     ``(I - alpha·S) f = y`` by conjugate gradient, ``y`` = the query's top ``query_k`` similarities to
     the power ``gamma``; rank the gallery by ``f`` (ties, e.g. outside the query's component, by the
     plain similarity). Queries are solved in blocks of ``max_cells / n_gallery`` columns, so memory is
-    O(n·graph_k + max_cells); no n × n matrix. Returns ``(scores, indices)``, best first."""
+    O(n·graph_k + max_cells); no n × n matrix. Returns ``(scores, indices)``, best first.
+
+    ``truncate`` = K > 0: truncated diffusion (Iscen et al., CVPR 2018 §3): each query diffuses only
+    on the subgraph of its K most similar gallery images (the rows and columns of the same ``S``),
+    the rest keep their plain order after them; cost O(n_queries · iters · K · graph_k) instead of
+    O(n_queries · iters · n_gallery · graph_k). ``None``: K = ``DF_TRUNCATE`` for galleries over
+    ``TRUNCATE_ABOVE`` images, else the whole graph; 0: always the whole graph. K >= the gallery
+    size is the whole graph."""
     q, g = l2n(queries), l2n(gallery)
     nq, ng = len(q), len(g)
     check_k(k, ng)
     S = graph if graph is not None else gallery_graph(g, graph_k, gamma)
+    if truncate is None:
+        truncate = DF_TRUNCATE if ng > TRUNCATE_ABOVE else 0
+    if 0 < truncate < ng:
+        return _truncated_diffusion(q, g, S, k, query_k, gamma, alpha, iters, max(truncate, k, query_k))
     qs, qi = knn(q, g, min(query_k, ng))
     yv = np.power(np.clip(qs, 0, None), gamma)
     out_scores = np.empty((nq, k), np.float32)
@@ -372,6 +387,26 @@ def diffusion_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, grap
         order = np.argsort(-vals, axis=1, kind="stable")
         out_ids[s:e] = np.take_along_axis(top, order, axis=1)
         out_scores[s:e] = np.take_along_axis(vals, order, axis=1)
+    return out_scores, out_ids
+
+
+def _truncated_diffusion(q, g, S, k: int, query_k: int, gamma: float, alpha: float, iters: int, K: int):
+    """Each query on its top-K subgraph: ``(I - alpha·S[K, K]) f = y[K]``; the K are ranked by ``f``
+    (ties by the plain similarity), and the top k of them are the answer."""
+    nq = len(q)
+    sims, ids = knn(q, g, K)  # best first: the query's top query_k seeds are its first query_k entries
+    yv = np.power(np.clip(sims[:, :query_k], 0, None), gamma)
+    out_scores = np.empty((nq, k), np.float32)
+    out_ids = np.empty((nq, k), np.int64)
+    for i in range(nq):
+        sub = ids[i]
+        y = np.zeros((K, 1))
+        y[:query_k, 0] = yv[i]
+        f = _cg(S[sub][:, sub], y, alpha, iters)[:, 0] + 1e-6 * sims[i]
+        top = np.argpartition(-f, k - 1)[:k] if k < K else np.arange(K)
+        order = top[np.argsort(-f[top], kind="stable")]
+        out_ids[i] = sub[order]
+        out_scores[i] = f[order]
     return out_scores, out_ids
 
 
@@ -664,7 +699,8 @@ def _apply_kr(q, g, k, c):
 
 
 def _apply_df(q, g, k, c):
-    return diffusion_rerank(q, g, k, c.df_k, c.df_query_k, c.df_gamma, c.df_alpha, c.df_iters)
+    return diffusion_rerank(q, g, k, c.df_k, c.df_query_k, c.df_gamma, c.df_alpha, c.df_iters,
+                            truncate=c.df_truncate if c.df_truncate >= 0 else None)
 
 
 register_rerank_step("dba", _apply_dba, params=(
@@ -689,4 +725,7 @@ register_rerank_step("df", _apply_df, final=True, label="diffusion", params=(
     RerankParam("df_gamma", float, 3.0, low=0, high=100, help="Diffusion: similarity exponent."),
     RerankParam("df_alpha", float, 0.99, low=0, high=0.9999, help="Diffusion: walk continuation (0..1).", tune=(0.9, 0.99)),
     RerankParam("df_iters", int, 20, low=1, high=10000, help="Diffusion: conjugate-gradient iterations at most."),
+    RerankParam("df_truncate", int, -1, low=-1, high=10_000_000,
+                help="Diffusion: each query diffuses on its top-N gallery subgraph (truncated diffusion); 0: the "
+                     "whole graph; -1: 2,000 for galleries over 10,000 images, else the whole graph."),
 ))
