@@ -27,3 +27,23 @@ def test_sample_and_python_api(tmp_path):
     assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "r2.csv").read_bytes()
     kept = Collection.open(res.index_dir)
     assert gone not in kept.live_names() and "served.jpg" in kept.live_names()
+
+
+def test_run_never_reuses_an_index_built_from_other_rows(tmp_path):
+    """Another run (another factory) refreshes the shared gallery store after a photo changed: the
+    first run's cached index must not be reused with its old vectors."""
+    import shutil
+
+    make_sample(tmp_path / "demo", variants=1)
+    g, q = tmp_path / "demo" / "gallery", tmp_path / "demo" / "queries"
+    kw = dict(image_size=64, model="lite0", select="off", k=2)
+    lookalike.run(g, q, tmp_path / "a.csv", **kw)
+    a, b = g / "astronaut.jpg", g / "coffee.jpg"
+    shutil.move(a, tmp_path / "x.jpg")
+    shutil.move(b, a)
+    shutil.move(tmp_path / "x.jpg", b)
+    lookalike.run(g, q, tmp_path / "b.csv", factory="HNSW32", **kw)  # re-extracts the two photos into the store
+    again = lookalike.run(g, q, tmp_path / "a2.csv", **kw)  # nothing new to extract
+    fresh = lookalike.run(g, q, tmp_path / "fresh.csv", workdir=tmp_path / "fresh-work", **kw)
+    assert again.gallery.n_extracted == 0
+    assert (tmp_path / "a2.csv").read_text() == (tmp_path / "fresh.csv").read_text()

@@ -165,7 +165,7 @@ def test_a_kill_between_the_two_renames_is_undone(gallery, tmp_path):
     assert not (tmp_path / "idx").exists() and any(".old-" in n for n in left) and any(n.endswith(".tmp") for n in left)
     col = Collection.open(tmp_path / "idx")  # the previous version is back, the leftovers are gone
     assert len(col) == 300 and names[0] in col.live_names()
-    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".idx.")] == [".idx.lock"]  # only the lock file
+    assert sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".idx.")) == [".idx.lock", ".idx.swap"]  # locks only
     # and the interrupted command, run again, completes
     p = subprocess.run([sys.executable, "-m", "lookalike.cli", "update", str(tmp_path / "idx"), "--remove",
                         str(tmp_path / "gone.txt")], capture_output=True, text=True, timeout=120)
@@ -246,3 +246,121 @@ def test_thumbnails_follow_links_the_gallery_contains(tmp_path):
     for outsider in ("../elsewhere/real.jpg", str(elsewhere / "real.jpg"), "missing.jpg"):
         with pytest.raises(LookalikeError, match="no image named"):
             col.image_path(outsider)
+
+
+def test_recovery_never_takes_another_collections_leftovers(tmp_path):
+    import os
+
+    x = np.eye(4, dtype=np.float32)
+    write_store(tmp_path / "g.h5", [f"g{i}.jpg" for i in range(4)], x, {"model_id": "m"})
+    build_index(tmp_path / "g.h5", tmp_path / "col.v2")
+    dead = 2 ** 22 + 12345  # no such process
+    os.rename(tmp_path / "col.v2", tmp_path / f".col.v2.old-{dead}")  # col.v2 killed mid-swap
+    with pytest.raises(LookalikeError, match="not a lookalike index"):
+        Collection.open(tmp_path / "col")  # "col" must not adopt col.v2's backup
+    assert (tmp_path / f".col.v2.old-{dead}").is_dir() and not (tmp_path / "col").exists()
+    assert len(Collection.open(tmp_path / "col.v2")) == 4  # its own owner gets it back
+
+
+def test_hnsw_name_removed_and_added_again_survives_saving(tmp_path):
+    rng = np.random.default_rng(1)
+    x = _unit(rng, 50)
+    names = [f"g{i}.jpg" for i in range(50)]
+    write_store(tmp_path / "g.h5", names, x, {"model_id": "m"})
+    col = build_index(tmp_path / "g.h5", tmp_path / "h", IndexConfig(factory="HNSW16,Flat", ef_search=200))
+    col.remove(["g3.jpg"])
+    col.add(["g3.jpg"], -x[3:4])  # the name comes back with another photo
+    col.save()
+    again = Collection.open(tmp_path / "h")
+    s, i = again.search(-x[3:4], 1)
+    assert again.names[i[0, 0]] == "g3.jpg" and s[0, 0] > 0.999 and len(again) == 50
+    assert again.search(x[3:4], 1)[1][0, 0] != 3  # the old row stays removed
+
+
+def test_update_holds_the_folder_from_open_to_swap(tmp_path, monkeypatch):
+    """Two updates at once: the second is refused instead of one silently losing the other's rows."""
+    import threading
+
+    import lookalike.store as store_mod
+    from conftest import lookalike_cli
+    from lookalike.api import update
+
+    x = np.eye(4, dtype=np.float32)
+    write_store(tmp_path / "g.h5", [f"g{i}.jpg" for i in range(3)], x[:3], {"model_id": "m"})
+    write_store(tmp_path / "a.h5", ["a.jpg"], x[3:], {"model_id": "m"})
+    write_store(tmp_path / "b.h5", ["b.jpg"], x[3:], {"model_id": "m"})
+    build_index(tmp_path / "g.h5", tmp_path / "c")
+    inside, go = threading.Event(), threading.Event()
+    real = store_mod.read_store
+
+    def slow_read(path, *a, **k):  # the first update pauses between opening and saving
+        inside.set()
+        go.wait(30)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(store_mod, "read_store", slow_read)
+    t = threading.Thread(target=update, args=(tmp_path / "c", tmp_path / "a.h5"))
+    t.start()
+    assert inside.wait(30)
+    p = lookalike_cli("update", tmp_path / "c", "--add", tmp_path / "b.h5")
+    go.set()
+    t.join(30)
+    assert p.returncode == 2 and "in use" in p.stderr, p.stderr
+    assert sorted(Collection.open(tmp_path / "c").live_names()) == ["a.jpg", "g0.jpg", "g1.jpg", "g2.jpg"]
+
+
+def test_a_link_to_a_served_folder_locks_the_folder(tmp_path):
+    import os
+
+    from conftest import lookalike_cli
+    from lookalike.collection import FolderLock
+
+    x = np.eye(4, dtype=np.float32)
+    write_store(tmp_path / "g.h5", [f"g{i}.jpg" for i in range(4)], x, {"model_id": "m"})
+    build_index(tmp_path / "g.h5", tmp_path / "real")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    held = FolderLock(tmp_path / "link", "served").acquire()
+    (tmp_path / "gone.txt").write_text("g0.jpg\n")
+    p = lookalike_cli("update", tmp_path / "real", "--remove", tmp_path / "gone.txt")
+    held.release()
+    assert p.returncode == 2 and "in use" in p.stderr
+
+
+def test_readers_never_pair_files_of_two_versions(tmp_path):
+    """A reader opening the folder while updates swap versions in: every row it gets is mapped to its
+    own name (each version keeps the same names on different rows)."""
+    import threading
+    import time
+
+    from lookalike.api import update
+
+    rng = np.random.default_rng(2)
+    x = _unit(rng, 40)
+    names = [f"g{i:02d}.jpg" for i in range(40)]
+    vec = dict(zip(names, x))
+    write_store(tmp_path / "g.h5", names, x, {"model_id": "m"})
+    build_index(tmp_path / "g.h5", tmp_path / "c")
+    stop, bad, opened = threading.Event(), [], [0]
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            n = names[i % 40]
+            (tmp_path / "rm.txt").write_text(n + "\n")
+            write_store(tmp_path / "add.h5", [n], vec[n][None], {"model_id": "m"})
+            update(tmp_path / "c", add=tmp_path / "add.h5", remove=tmp_path / "rm.txt")  # n moves to the last row
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    deadline = time.time() + 4
+    while time.time() < deadline:
+        col = Collection.open(tmp_path / "c")
+        rows = col.gallery_features()
+        opened[0] += 1
+        for j, n in enumerate(col.live_names()):
+            if not np.allclose(rows[j], vec[n], atol=1e-6):
+                bad.append(n)
+    stop.set()
+    t.join(30)
+    assert opened[0] > 5 and not bad

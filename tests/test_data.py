@@ -145,3 +145,12 @@ def test_linked_folders_are_followed_but_not_loops(tmp_path):
     # training classes: folder names in order, linked folders included
     assert [(p.relative_to(data).as_posix(), c) for p, c in list_labelled(data)] == [
         ("cat/a.jpg", "cat"), ("cat-2/b.jpg", "cat-2"), ("dog/c.jpg", "dog")]
+
+
+def test_list_files_with_a_bom_or_not_utf8(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "list.txt").write_bytes("\ufeffa.jpg\n".encode("utf-8"))
+    assert [e.name for e in list_images(tmp_path / "list.txt")] == ["a.jpg"]  # the BOM is not part of the name
+    (tmp_path / "latin.txt").write_bytes("caf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(LookalikeError, match="must be UTF-8"):
+        list_images(tmp_path / "latin.txt")

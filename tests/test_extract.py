@@ -70,6 +70,22 @@ def test_extract_store_skips_and_reuses(tmp_path):
     assert np.allclose(st4.features, fresh.features, atol=1e-6) and not np.allclose(
         st4.features[0], st.features[0], atol=1e-3)
     st3 = st4
+    # a replacement that keeps size and modification time (cp -p, rsync -t, unpacking) is caught too
+    import os
+    import shutil
+
+    a, b = st.names[1], st.names[2]
+    sa, sb = os.stat(tmp_path / "imgs" / a), os.stat(tmp_path / "imgs" / b)
+    shutil.copyfile(tmp_path / "imgs" / b, tmp_path / "b.tmp")
+    shutil.copyfile(tmp_path / "imgs" / a, tmp_path / "imgs" / b)  # b now shows a's photo ...
+    shutil.copyfile(tmp_path / "b.tmp", tmp_path / "imgs" / a)
+    os.utime(tmp_path / "imgs" / a, ns=(sa.st_atime_ns, sa.st_mtime_ns))  # ... with the old times
+    os.utime(tmp_path / "imgs" / b, ns=(sb.st_atime_ns, sb.st_mtime_ns))
+    r5 = ex.extract(tmp_path / "imgs", out, progress=False)
+    assert r5.n_changed >= 2 and r5.n_extracted >= 2
+    st5 = read_store(out)
+    assert np.allclose(st5.features[st5.names.index(b)], st4.features[st4.names.index(a)], atol=1e-6)
+    st3 = st5
     # other settings on the same file: refused, file untouched
     with pytest.raises(LookalikeError, match="other settings"):
         Extractor(image_size=64, pooling="mac").extract(tmp_path / "imgs", out, progress=False)

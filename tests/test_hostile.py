@@ -223,6 +223,8 @@ def test_a_trained_model_folder_cannot_choose_code_to_run_unless_trusted(tmp_pat
     ("manifest.json", lambda d: d.update(extract_config=["not", "a", "dict"])),
     ("manifest.json", lambda d: d.update(extract_config={"model": "lite0", "image_size": "huge"})),
     ("manifest.json", lambda d: d.update(extract_config={"model": "lite0", "pooling": "os:system"})),
+    ("manifest.json", lambda d: d.update(extract_config={"model": 5})),
+    ("manifest.json", lambda d: d.update(extract_config={"model": [{"a": 1}]})),
     ("manifest.json", lambda d: d.update(dim="512")),
     ("manifest.json", lambda d: d.update(deleted_rows=[-1])),
     ("manifest.json", lambda d: d.update(items="all")),

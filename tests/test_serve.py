@@ -331,8 +331,10 @@ def test_browser_upload_shows_grid(server, collection, tmp_path):
 
 
 def test_batched_search_matches_brute_force(collection, tmp_path):
-    """Concurrent requests answered by one faiss call == numpy brute force per query, deletions excluded."""
+    """Concurrent requests, embedded in one network batch and answered by one faiss call == each
+    photo embedded alone + numpy brute force, deletions excluded."""
     import numpy as np
+    from PIL import Image
 
     from lookalike.serve import SearchService, ServeConfig
     from lookalike.store import read_store
@@ -341,10 +343,10 @@ def test_batched_search_matches_brute_force(collection, tmp_path):
     service = SearchService(tmp_path / "col", ServeConfig(threads=1))
     store = read_store(collection / "g.h5")
     service.delete("g_1_1.jpg")
-    rng = np.random.default_rng(0)
-    q = store.features[[0, 4, 7]] + 0.05 * rng.normal(size=(3, store.dim)).astype(np.float32)
+    imgs = [Image.open(collection / "gallery" / n).convert("RGB").rotate(8) for n in ("g_0_0.jpg", "g_1_0.jpg", "g_2_1.jpg")]
+    q = np.vstack([service.extractor.embed_images([im]) for im in imgs])  # the reference: one photo at a time
     ks = [3, 11, 1]
-    futures = [service._batcher.submit(q[i:i + 1], ks[i]) for i in range(3)]
+    futures = [service._batcher.submit(imgs[i], ks[i]) for i in range(3)]
     got = [f.result() for f in futures]
     sims = q @ store.features.T
     for i, k in enumerate(ks):

@@ -35,6 +35,7 @@ import base64
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -76,6 +77,7 @@ def new_manifest(*, dim: int, input_dim: int, count: int, factory: str, attrs: d
         dim=int(dim), input_dim=int(input_dim), whitening=bool(whitening), count=int(count),
         factory=factory, image_root=None if image_root is None else str(image_root), nprobe=nprobe, ef_search=ef_search,
         ondisk=bool(ondisk), features=None if features is None else str(features),
+        rows_digest=attrs.get("rows_digest", ""),  # what the rows were built from (run reuses only an equal one)
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
         created_by=f"lookalike {__version__}", faiss=getattr(_faiss(), "__version__", "?"), **extra,
     )
@@ -138,6 +140,13 @@ class Collection:
         """Load a collection folder (and replay its journal of changes)."""
         faiss = _faiss()
         path = Path(path)
+        if not (path / MANIFEST).is_file():
+            recover(path)
+        with _read_lock(path):  # every file from one version (a writer swaps only between readers)
+            return cls._read(path, replay, faiss)
+
+    @classmethod
+    def _read(cls, path: Path, replay: bool, faiss) -> "Collection":
         manifest = read_manifest(path)
         try:
             names = json.loads((path / "names.json").read_text(encoding="utf-8"))
@@ -149,12 +158,13 @@ class Collection:
         if (not isinstance(names, list) or not all(n is None or isinstance(n, str) for n in names)
                 or index.ntotal != sum(n is not None for n in names) or index.d != manifest.get("dim")):
             raise LookalikeError(f"{path}: index, names and manifest disagree; rebuild it with `lookalike index`")
-        live = [n for n in names if n is not None]
-        if len(set(live)) != len(live):
-            raise LookalikeError(f"{path}: names.json lists a name twice; rebuild it with `lookalike index`")
         deleted = manifest.get("deleted_rows") or []
         if not isinstance(deleted, list) or not all(isinstance(i, int) and 0 <= i < len(names) for i in deleted):
             raise LookalikeError(f"{path}: damaged manifest (deleted_rows); rebuild it with `lookalike index`")
+        gone = set(deleted)  # a removed row's name may come back as a new row (HNSW keeps the old one)
+        live = [n for i, n in enumerate(names) if n is not None and i not in gone]
+        if len(set(live)) != len(live):
+            raise LookalikeError(f"{path}: names.json lists a name twice; rebuild it with `lookalike index`")
         if not isinstance(manifest.get("items") or [], list) or not isinstance(manifest.get("input_dim", 0), int):
             raise LookalikeError(f"{path}: damaged manifest; rebuild it with `lookalike index`")
         transform = None
@@ -551,10 +561,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner(path: Path) -> int | None:
-    """The pid in a working folder's name (``.NAME.p123-xyz.tmp``, ``.NAME.old-123``), if any."""
-    tail = path.name.rsplit(".old-", 1)[-1] if ".old-" in path.name else path.name.rsplit(".p", 1)[-1].split("-", 1)[0]
-    return int(tail) if tail.isdigit() else None
+def _owner(folder: Path, path: Path) -> int | None:
+    """The pid in the name of one of ``folder``'s working folders (``.NAME.p123-xyz.tmp``,
+    ``.NAME.old-123``); None for anything else (another collection's, e.g. ``.NAME.v2.old-1``)."""
+    m = re.fullmatch(rf"\.{re.escape(folder.name)}\.(?:old-(\d+)|p(\d+)-[^/]*\.tmp)", path.name)
+    return int(m.group(1) or m.group(2)) if m else None
 
 
 def recover(folder) -> None:
@@ -567,7 +578,7 @@ def recover(folder) -> None:
     if not parent.is_dir():
         return
     mine = [p for p in parent.glob(f".{folder.name}.*") if p.is_dir()]
-    dead = [p for p in mine if (pid := _owner(p)) is not None and pid != os.getpid() and not _pid_alive(pid)]
+    dead = [p for p in mine if (pid := _owner(folder, p)) is not None and pid != os.getpid() and not _pid_alive(pid)]
     if not (folder / MANIFEST).is_file():
         olds = [p for p in dead if ".old-" in p.name and (p / MANIFEST).is_file()]
         if olds:
@@ -614,55 +625,77 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         if not (out_dir / MANIFEST).exists() and any(out_dir.iterdir()):
             raise LookalikeError(f"{out_dir}: exists and is not a lookalike index; choose another -o")
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        if os.environ.get("LOOKALIKE_TEST_KILL_IN_SWAP"):  # tests: a real SIGKILL between the two renames
-            import signal
+    with _read_lock(out_dir, exclusive=True):  # readers never see half a swap
+        if old is not None:
+            os.replace(out_dir, old)
+            if os.environ.get("LOOKALIKE_TEST_KILL_IN_SWAP"):  # tests: a real SIGKILL between the two renames
+                import signal
 
-            os.kill(os.getpid(), signal.SIGKILL)
-    os.replace(tmp, out_dir)
+                os.kill(os.getpid(), signal.SIGKILL)
+        os.replace(tmp, out_dir)
     _fsync_dir(out_dir.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_HELD: dict[str, list] = {}  # lock file -> [fd, count]: a process may take its own lock again
+
+
+def _lock_file(folder, suffix: str) -> Path:
+    folder = Path(folder).resolve()  # a link to the folder locks the folder itself
+    return folder.parent / f".{folder.name}.{suffix}"
+
+
 class FolderLock:
     """An exclusive advisory lock on a collection folder (``.NAME.lock`` beside it, so it survives
-    the swap): held by every writer (``save``, ``index``, ``update``) while it writes, and by a
-    running service for its lifetime, so ``update`` cannot rewrite a folder under a live server
-    (whose journal would then be lost) and two services cannot change one folder. Readers take no
-    lock. Where ``fcntl`` is missing (Windows) it does nothing."""
+    the swap): held by every change from its open to its swap (``update``, ``index``, ``run``'s
+    rebuild) and by a running service for its lifetime, so two writers cannot lose each other's
+    changes and ``update`` cannot rewrite a served folder. Re-entrant within a process; the path is
+    resolved (a link locks its target). Readers take no part of it (see :func:`_read_lock`). Where
+    ``fcntl`` is missing (Windows) it does nothing."""
 
     def __init__(self, folder, what: str = "written"):
-        self.folder, self.what, self.fd = Path(folder), what, None
+        self.folder, self.what, self.key = Path(folder), what, None
 
     def acquire(self) -> "FolderLock":
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
-        self.folder.parent.mkdir(parents=True, exist_ok=True)
-        path = self.folder.parent / f".{self.folder.name}.lock"
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        path = _lock_file(self.folder, "lock")
+        key = str(path)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            self.key = key
+            return self
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             except OSError:
                 holder = ""
-            os.close(self.fd)
-            self.fd = None
+            os.close(fd)
             raise LookalikeError(f"{self.folder}: in use ({holder or 'another lookalike process'}); it cannot be "
                                  f"{self.what} now. Stop the server (a served collection changes through its "
                                  "/items endpoints), or wait for the other command") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()}: {self.what}".encode(), 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {self.what}".encode(), 0)
+        _HELD[key] = [fd, 1]
+        self.key = key
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
+        key, self.key = self.key, None
+        held = _HELD.get(key) if key is not None else None
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del _HELD[key]
+            os.close(held[0])  # closing releases the flock
 
     def __del__(self):
         self.release()
@@ -672,6 +705,32 @@ class FolderLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+class _read_lock:
+    """Shared lock on ``.NAME.swap`` while a reader reads the folder's files; a writer holds it
+    exclusively only for the two renames of its swap, so a reader never pairs files of two
+    versions. Best effort: where the lock file cannot be made (read-only places) it does nothing."""
+
+    def __init__(self, folder, exclusive: bool = False):
+        self.path, self.exclusive, self.fd = _lock_file(folder, "swap"), exclusive, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH)
+        except (ImportError, OSError):
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def write_new(folder: Path, make) -> "Collection":

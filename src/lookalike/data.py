@@ -35,13 +35,16 @@ class ImageEntry:
 
 
 def file_signature(path) -> str:
-    """``size:mtime_ns`` of a file (following links): a cached feature is reused only while its
-    image's signature is unchanged. ``""`` when the file cannot be stat'ed."""
+    """``size:mtime_ns:inode:ctime_ns`` of a file (following links): a cached feature is reused only
+    while its image's signature is unchanged. The inode and status-change time catch replacements
+    that keep size and modification time (``cp -p``, ``rsync -t``, unpacking an archive): they
+    change whenever a file is written or renamed into place, and cannot be set back. ``""`` when the
+    file cannot be stat'ed."""
     try:
         st = os.stat(path)
     except OSError:
         return ""
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def list_images(source: str | os.PathLike, unreadable: list | None = None) -> list[ImageEntry]:
@@ -58,7 +61,12 @@ def list_images(source: str | os.PathLike, unreadable: list | None = None) -> li
         raise LookalikeError(f"{source}: no such folder or list file")
     if source.is_file():
         entries = []
-        for line in source.read_text(encoding="utf-8").splitlines():
+        try:
+            text = source.read_bytes().decode("utf-8-sig")  # a BOM (Windows editors) is not part of a name
+        except UnicodeDecodeError:
+            raise LookalikeError(f"{source}: a list file must be UTF-8 text (one image path per line); "
+                                 "save it as UTF-8") from None
+        for line in text.splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

@@ -233,8 +233,11 @@ class ExtractConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if not trusted:
             known.pop("trust_remote_code", None)
-            models = known.get("model")
-            for m in ([models] if isinstance(models, str) else list(models or [])):
+            models = known.get("model", "lite0")
+            if not (isinstance(models, str) or (isinstance(models, list) and models
+                                                and all(isinstance(m, str) for m in models))):
+                raise LookalikeError(f"{source}: damaged extraction settings (model {models!r}); rebuild the index")
+            for m in ([models] if isinstance(models, str) else models):
                 if names_code(m):
                     refuse_code(m, source)
         try:

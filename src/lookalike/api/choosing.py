@@ -57,7 +57,10 @@ def gallery_choice(extractor, g, gallery, select: str, gallery_labels, workdir: 
         return None, ""
     if len(extractor.config.members()) == 1 and fixed.get("whiten") is not None and fixed.get("rerank") is not None:
         return None, ""  # nothing left to choose
-    key = hashlib.sha256(json.dumps([VERSION, g.fingerprint, g.names, sorted((classes or {}).items()), select,
+    from .queries import rows_digest
+
+    key = hashlib.sha256(json.dumps([VERSION, g.fingerprint, rows_digest(g.names, g.features),
+                                     sorted((classes or {}).items()), select,
                                      {k: str(v) for k, v in fixed.items()}], sort_keys=True).encode()).hexdigest()[:12]
     cache = workdir / f"selection-{key}.json"
     source = ("from the gallery's classes" if classes is not None else "from pseudo-queries of the gallery")
@@ -87,7 +90,7 @@ def reweighted(extractor, g, weights, path: Path):
     feats = combine(split_members(g.features, dims), weights)
     if cfg.dtype == "float16":  # what the store holds
         feats = feats.astype(np.float16).astype(np.float32)
-    if not path.exists() or read_store(path).names != g.names:
+    if not path.exists() or g.n_extracted or g.n_changed or read_store(path).names != g.names:
         write_store(path, g.names, feats, ex.store_attrs(), g.skipped, dtype=cfg.dtype, signatures=g.signatures)
     return ex, path, feats
 

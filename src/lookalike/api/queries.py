@@ -3,7 +3,10 @@ collection's own settings and cached under a key of the query folder and those s
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+
+import numpy as np
 
 from ..collection import Collection
 from ..errors import LookalikeError
@@ -38,3 +41,10 @@ def query_rows(col: Collection, index_dir, queries, query_features, workdir, pro
         names, feats, model_id, source = ext.names, ext.features, cfg.model_id(), str(queries)
     col.check_queries(feats, model_id, source)
     return names, feats, ext
+
+
+def rows_digest(names: list[str], features: np.ndarray) -> str:
+    """SHA-256 of names and feature bytes: which rows a collection was built from."""
+    h = hashlib.sha256(json.dumps(names).encode())
+    h.update(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+    return h.hexdigest()

@@ -17,7 +17,7 @@ from ..errors import LookalikeError, check_k
 from ..formats import NAIC_K, format_for_path, write_results, write_skipped_csv
 from ..index import IndexConfig, build_index as _build_index
 from ..postprocess import RerankConfig, as_rerank_config
-from .queries import path_key, query_rows
+from .queries import path_key, query_rows, rows_digest
 
 
 def build_index(features, out_dir, factory: str = "Flat", image_root=None, whiten: bool | None = None,
@@ -203,15 +203,17 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
                        str(gallery_labels) if gallery_labels else None)
     index_key = hashlib.sha256(json.dumps(asdict(icfg), sort_keys=True).encode()).hexdigest()[:6]
     index_dir = workdir / f"index-{path_key(gallery)}-{cfg.fingerprint()}-{index_key}"
+    digest = rows_digest(g.names, g_features)
     col = None
-    if g.n_extracted == 0 and Collection.exists(index_dir):
+    if Collection.exists(index_dir):
         # run's collection answers for the gallery as extracted: changes a service made to this
-        # cached folder (its journal) are neither applied nor thrown away
+        # cached folder (its journal) are neither applied nor thrown away; it is reused only if it
+        # was built from exactly these rows (another run may have refreshed the shared store)
         col = Collection.open(index_dir, replay=False)
-        if col.names != g.names:
+        if col.names != g.names or col.manifest.get("rows_digest") != digest:
             col = None
     if col is None:
-        store = FeatureStore(list(g.names), g_features, extractor.store_attrs(), g.skipped)
+        store = FeatureStore(list(g.names), g_features, {**extractor.store_attrs(), "rows_digest": digest}, g.skipped)
         col = _build_index(store, index_dir, icfg, image_root=str(Path(gallery).resolve()), source=g_store)
     q_names, q_feats, q = query_rows(col, index_dir, queries, None, workdir, progress, extractor=extractor)
     kk = _resolve_k(k, fmt, len(col))
@@ -235,16 +237,19 @@ def update(index_dir, add=None, remove=None) -> tuple[int, int, int]:
     from ..formats import read_names
     from ..store import read_store
 
+    from ..collection import FolderLock
+
     if not add and not remove:
         raise LookalikeError("nothing to do: give --add FEATS.h5 and/or --remove NAMES.txt")
-    col = Collection.open(index_dir)
-    removed = added = 0
-    if remove:
-        removed = col.remove(read_names(remove))
-    if add:
-        st = read_store(add)
-        col.check_queries(st.features, st.model_id, str(add))
-        col.add(st.names, st.features)
-        added = len(st.names)
-    col.save()
+    with FolderLock(index_dir, "updated"):  # from reading it to swapping the new version in: no lost update
+        col = Collection.open(index_dir)
+        removed = added = 0
+        if remove:
+            removed = col.remove(read_names(remove))
+        if add:
+            st = read_store(add)
+            col.check_queries(st.features, st.model_id, str(add))
+            col.add(st.names, st.features)
+            added = len(st.names)
+        col.save()
     return added, removed, len(col)

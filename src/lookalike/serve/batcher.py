@@ -1,4 +1,5 @@
-"""Micro-batching of concurrent searches: one faiss call answers every request that is waiting."""
+"""Micro-batching of concurrent searches: the photos of every request that is waiting go through the
+network together, then one faiss call answers them all."""
 from __future__ import annotations
 
 import queue
@@ -6,21 +7,20 @@ import threading
 import time
 from concurrent.futures import Future
 
-import numpy as np
-
 
 class Batcher:
     """Collects concurrent search requests (up to ``max_batch``, waiting at most ``wait`` seconds
-    after the first) and answers them with one call of ``run(features, ks)``."""
+    after the first) and answers them with one call of ``run(items, ks)`` (``items``: what each
+    request submitted, in order)."""
 
-    def __init__(self, run, max_batch: int = 64, wait: float = 0.002):
+    def __init__(self, run, max_batch: int = 32, wait: float = 0.002):
         self.run, self.max_batch, self.wait = run, max_batch, wait
         self.queue: "queue.Queue" = queue.Queue()
         threading.Thread(target=self._loop, name="lookalike-search-batcher", daemon=True).start()
 
-    def submit(self, feat: np.ndarray, k: int) -> Future:
+    def submit(self, item, k: int) -> Future:
         fut: Future = Future()
-        self.queue.put((feat, k, fut))
+        self.queue.put((item, k, fut))
         return fut
 
     def _loop(self) -> None:
@@ -33,7 +33,7 @@ class Batcher:
                 except queue.Empty:
                     break
             try:
-                results = self.run(np.vstack([b[0] for b in batch]), [b[1] for b in batch])
+                results = self.run([b[0] for b in batch], [b[1] for b in batch])
                 for (_, _, fut), res in zip(batch, results):
                     fut.set_result(res)
             except BaseException as e:  # every waiting request gets the error, the loop goes on
