@@ -72,7 +72,7 @@ def main():
     for i in range(n_base):
         svc.search(decode_upload(queries[i % len(queries)], 10 ** 8), 10)
     base_rate = n_base / (time.perf_counter() - t0)
-    del svc
+    svc.close()  # the server below needs the folder
     print(f"baseline in-process (no HTTP, sequential): {base_rate:.1f} searches/s", flush=True)
 
     log = open(work / "server.log", "w")

@@ -51,3 +51,14 @@ def lookalike_cli(*args, check=False, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"lookalike {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def read_response(sock):
+    """(status, headers, body) of one HTTP response read to the end of the connection; a reset raises."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((k.strip().lower(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:]))
+    return int(lines[0].split()[1]), headers, body

@@ -364,3 +364,18 @@ def test_readers_never_pair_files_of_two_versions(tmp_path):
     stop.set()
     t.join(30)
     assert opened[0] > 5 and not bad
+
+
+def test_a_closed_service_gives_its_folder_back(tmp_path):
+    pytest.importorskip("fastapi")
+    from conftest import lookalike_cli, make_set
+    from lookalike.serve import SearchService, ServeConfig
+
+    make_set(tmp_path / "imgs", n_classes=2, per_class=2)
+    lookalike_cli("extract", tmp_path / "imgs", "-o", tmp_path / "g.h5", "--model", "lite0", "--image-size", "64",
+                  check=True)
+    lookalike_cli("index", tmp_path / "g.h5", "-o", tmp_path / "idx", check=True)
+    (tmp_path / "gone.txt").write_text("img_0_0.jpg\n")
+    with SearchService(tmp_path / "idx", ServeConfig(threads=1)):
+        assert lookalike_cli("update", tmp_path / "idx", "--remove", tmp_path / "gone.txt").returncode == 2
+    assert lookalike_cli("update", tmp_path / "idx", "--remove", tmp_path / "gone.txt").returncode == 0

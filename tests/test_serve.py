@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import lookalike_cli, make_set
+from conftest import lookalike_cli, make_set, read_response as _read_response
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -160,17 +160,6 @@ def _raw_get(port: int, path: str, host: str = "127.0.0.1"):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         return _read_response(s)
-
-
-def _read_response(s: socket.socket):
-    """(status, headers, body) of a response read to the end of the connection (a reset raises)."""
-    data = b""
-    while chunk := s.recv(65536):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict((k.strip().lower(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:]))
-    return int(lines[0].split()[1]), headers, body
 
 
 def test_items_add_delete_persist(server, collection):

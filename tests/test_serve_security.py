@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import lookalike_cli, make_set
+from conftest import lookalike_cli, make_set, read_response as _read_response
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -89,17 +89,6 @@ def _request_bytes(method: str, url: str, **kw) -> bytes:
         headers["content-length"] = str(len(body))
     head += [f"{k}: {v}" for k, v in headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-def _read_response(sock: socket.socket):
-    """(status, headers, body) of one response read to the end of the connection; a reset raises."""
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict((k.strip().lower(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:]))
-    return int(lines[0].split()[1]), headers, body
 
 
 def _raw(port: int, request: bytes):

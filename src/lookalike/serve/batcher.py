@@ -23,15 +23,28 @@ class Batcher:
         self.queue.put((item, k, fut))
         return fut
 
+    _STOP = object()
+
+    def close(self) -> None:
+        """Stop the loop (requests already queued are answered first)."""
+        self.queue.put((self._STOP, 0, None))
+
     def _loop(self) -> None:
         while True:
-            batch = [self.queue.get()]
+            first = self.queue.get()
+            if first[0] is self._STOP:
+                return
+            batch = [first]
             deadline = time.monotonic() + self.wait
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
+                if item[0] is self._STOP:
+                    self.queue.put(item)  # stop after this batch
+                    break
+                batch.append(item)
             try:
                 results = self.run([b[0] for b in batch], [b[1] for b in batch])
                 for (_, _, fut), res in zip(batch, results):

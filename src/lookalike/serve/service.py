@@ -148,6 +148,17 @@ class SearchService:
         with self.lock:
             return len(self.col)
 
+    def close(self) -> None:
+        """Stop answering and give the collection folder back (others may change it again)."""
+        self._batcher.close()
+        self._folder_lock.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def embed(self, img: Image.Image) -> np.ndarray:
         feat = self.extractor.embed_images([img])
         self.col.check_queries(feat, self.model_id, "upload")
