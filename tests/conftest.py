@@ -62,3 +62,14 @@ def read_response(sock):
     lines = head.decode("latin-1").split("\r\n")
     headers = dict((k.strip().lower(), v.strip()) for k, v in (ln.split(":", 1) for ln in lines[1:]))
     return int(lines[0].split()[1]), headers, body
+
+
+def served_collection(root: Path, n_classes: int, per_class: int) -> Path:
+    """``root/gallery`` (class-patterned photos ``g_*``), ``root/extra`` (two more, ``new_*``),
+    ``root/g.h5`` and the collection ``root/col`` (64 px, with its image root): what the service
+    tests serve."""
+    make_set(root / "gallery", n_classes=n_classes, per_class=per_class, prefix="g")
+    make_set(root / "extra", n_classes=2, per_class=1, prefix="new", start=70)
+    lookalike_cli("extract", root / "gallery", "-o", root / "g.h5", "--image-size", "64", check=True)
+    lookalike_cli("index", root / "g.h5", "-o", root / "col", "--image-root", root / "gallery", check=True)
+    return root

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import lookalike_cli, make_set, read_response as _read_response
+from conftest import lookalike_cli, read_response as _read_response, served_collection
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -60,12 +60,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    make_set(root / "gallery", n_classes=4, per_class=3, prefix="g")
-    make_set(root / "extra", n_classes=2, per_class=1, prefix="new", start=70)
-    lookalike_cli("extract", root / "gallery", "-o", root / "g.h5", "--image-size", "64", check=True)
-    lookalike_cli("index", root / "g.h5", "-o", root / "col", "--image-root", root / "gallery", check=True)
-    return root
+    return served_collection(tmp_path_factory.mktemp("serve"), n_classes=4, per_class=3)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import lookalike_cli, make_set, read_response as _read_response
+from conftest import read_response as _read_response, served_collection
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -24,12 +24,7 @@ KEY = "k3y"
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve_security")
-    make_set(root / "gallery", n_classes=3, per_class=2, prefix="g")
-    make_set(root / "extra", n_classes=2, per_class=1, prefix="new", start=70)
-    lookalike_cli("extract", root / "gallery", "-o", root / "g.h5", "--image-size", "64", check=True)
-    lookalike_cli("index", root / "g.h5", "-o", root / "col", "--image-root", root / "gallery", check=True)
-    return root
+    return served_collection(tmp_path_factory.mktemp("serve_security"), n_classes=3, per_class=2)
 
 
 def _service(collection: Path, tmp_path: Path, **settings):
