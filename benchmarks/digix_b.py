@@ -64,6 +64,8 @@ def extraction_rate(n_photos: int) -> tuple[float, str]:
     sys.path.insert(0, str(Path(__file__).parent))
     from protocols import DATA, grocery
 
+    from PIL import Image
+
     from lookalike import Extractor
 
     if not (DATA / "grocery_store").exists():
@@ -73,9 +75,9 @@ def extraction_rate(n_photos: int) -> tuple[float, str]:
         lst = Path(tmp) / "photos.txt"
         lst.write_text("\n".join(photos) + "\n")
         ex = Extractor()
-        ex.embed_images([__import__("PIL.Image", fromlist=["Image"]).new("RGB", (64, 64))])  # model load not timed
+        ex.embed_images([Image.new("RGB", (64, 64))])  # model load not timed
         res = ex.extract(lst, Path(tmp) / "f.h5", progress=False)
-    return res.rate, f"{'+'.join(ex.config.members()[i].model for i in range(len(ex.config.members())))}"
+    return res.rate, ex.config.model_name
 
 
 def synthetic(n_q: int, n_g: int, dim: int, classes: int, noise: float, seed: int = 0):

@@ -3,8 +3,7 @@ becomes a path or a line of a text file, every JSON file the tool reads with att
 Each case must end in a one-line error (exit 2) or an exact round trip: never a traceback, never a
 silently different answer, never code chosen by a file."""
 import json
-import subprocess
-import sys
+import os
 
 import click
 import numpy as np
@@ -213,8 +212,8 @@ def test_a_trained_model_folder_cannot_choose_code_to_run_unless_trusted(tmp_pat
     make_set(tmp_path / "imgs", n_classes=2, per_class=1)
     env = {"PYTHONPATH": str(mod.parent)}
     args = ("extract", tmp_path / "imgs", "-o", tmp_path / "f.h5", "--model", run, "--engine", "torch")
-    _one_line_error(lookalike_cli(*args, env={**__import__("os").environ, **env}), "names code to run")
-    p = lookalike_cli(*args, "--trust-remote-code", env={**__import__("os").environ, **env})
+    _one_line_error(lookalike_cli(*args, env={**os.environ, **env}), "names code to run")
+    p = lookalike_cli(*args, "--trust-remote-code", env={**os.environ, **env})
     assert p.returncode == 0, p.stderr
     # abort would have killed the process: with trust it is imported, so it is never tried here
 

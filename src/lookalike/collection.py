@@ -140,9 +140,7 @@ class Collection:
         """Load a collection folder (and replay its journal of changes)."""
         faiss = _faiss()
         path = Path(path)
-        if not (path / MANIFEST).is_file():
-            recover(path)
-        with _read_lock(path):  # every file from one version (a writer swaps only between readers)
+        with _read_lock(path):  # (read_manifest undoes an interrupted swap first)  # every file from one version (a writer swaps only between readers)
             return cls._read(path, replay, faiss)
 
     @classmethod
@@ -336,8 +334,9 @@ class Collection:
         scores, idx = self.index.search(q, want)
         out_s = np.full((len(q), k), -np.inf, np.float32)
         out_i = np.full((len(q), k), -1, np.int64)
+        ok = (idx >= 0) & ~np.isin(idx, np.fromiter(self.deleted, np.int64, len(self.deleted)))
         for r in range(len(q)):
-            keep = [c for c, j in enumerate(idx[r]) if j >= 0 and int(j) not in self.deleted][:k]
+            keep = np.flatnonzero(ok[r])[:k]
             out_s[r, : len(keep)] = scores[r, keep]
             out_i[r, : len(keep)] = idx[r, keep]
         return out_s, out_i

@@ -40,9 +40,10 @@ def load_choice(path, models: list[str] | None = None):
     return choice
 
 
-def gallery_choice(extractor, g, gallery, select: str, gallery_labels, workdir: Path, fixed: dict):
+def gallery_choice(extractor, g, gallery, select: str, gallery_labels, workdir: Path, fixed: dict, digest: str):
     """(Choice or None, where it came from) for ``run``: the gallery's classes (class folders or
-    ``gallery_labels``) or pseudo-queries (``select='self'``); cached in the workdir."""
+    ``gallery_labels``) or pseudo-queries (``select='self'``); cached in the workdir under the rows'
+    ``digest`` (``queries.rows_digest``) and what was fixed."""
     from ..data import list_images
     from ..selection import VERSION, gallery_classes, select_for_gallery
 
@@ -57,9 +58,7 @@ def gallery_choice(extractor, g, gallery, select: str, gallery_labels, workdir: 
         return None, ""
     if len(extractor.config.members()) == 1 and fixed.get("whiten") is not None and fixed.get("rerank") is not None:
         return None, ""  # nothing left to choose
-    from .queries import rows_digest
-
-    key = hashlib.sha256(json.dumps([VERSION, g.fingerprint, rows_digest(g.names, g.features),
+    key = hashlib.sha256(json.dumps([VERSION, g.fingerprint, digest,
                                      sorted((classes or {}).items()), select,
                                      {k: str(v) for k, v in fixed.items()}], sort_keys=True).encode()).hexdigest()[:12]
     cache = workdir / f"selection-{key}.json"

@@ -188,7 +188,8 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
     _resolve_k(k, fmt, len(g.names))  # before any costly choice
     fixed = {"weights": explicit_weights or None, "whiten": icfg.whiten,
              "rerank": (rr or RerankConfig()) if rerank is not None else None}
-    choice, source = gallery_choice(extractor, g, gallery, select, gallery_labels, workdir, fixed)
+    g_digest = rows_digest(g.names, g.features)  # what the gallery rows are: keys the cached choice and index
+    choice, source = gallery_choice(extractor, g, gallery, select, gallery_labels, workdir, fixed, g_digest)
     g_features = g.features
     if choice is not None:
         if cfg.is_ensemble and tuple(choice.weights) != tuple(cfg.member_weights):
@@ -203,7 +204,7 @@ def run(gallery, queries, output, format: str | None = None, k: int | None = Non
                        str(gallery_labels) if gallery_labels else None)
     index_key = hashlib.sha256(json.dumps(asdict(icfg), sort_keys=True).encode()).hexdigest()[:6]
     index_dir = workdir / f"index-{path_key(gallery)}-{cfg.fingerprint()}-{index_key}"
-    digest = rows_digest(g.names, g_features)
+    digest = g_digest if g_features is g.features else rows_digest(g.names, g_features)
     col = None
     if Collection.exists(index_dir):
         # run's collection answers for the gallery as extracted: changes a service made to this
