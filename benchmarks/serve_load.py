@@ -7,11 +7,18 @@ index has the real dimension and model id). Starts `lookalike serve` in a subpro
 ``POST /search`` (k 10). Prints errors, p50/p99 latency and searches/s, and, as the baseline
 measured in the same run, the same search done in-process (embed + faiss, no HTTP) one at a time.
 
+``--old-rev REV`` also serves the same collection with the code of an earlier git revision (a
+detached worktree on ``PYTHONPATH``) under the same load, before the current code: old and new side
+by side in one run. ``--model`` chooses the embedding model of the collection (default: the
+library's default).
+
     python benchmarks/serve_load.py --items 100000 --clients 8 --searches 500
+    python benchmarks/serve_load.py --model lite0 --old-rev 82f14ab --searches 100
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -22,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def build_collection(work: Path, items: int) -> Path:
+
+def build_collection(work: Path, items: int, model: str | None = None) -> Path:
     from lookalike.api import build_index
     from lookalike.extract import extract
     from lookalike.postprocess import l2n
@@ -31,7 +40,8 @@ def build_collection(work: Path, items: int) -> Path:
     from lookalike.store import read_store, write_store
 
     make_sample(work / "sample", variants=3)
-    res = extract(work / "sample" / "gallery", work / "real.h5")
+    res = extract(work / "sample" / "gallery", work / "real.h5", **({"model": tuple(model.split("+")) if "+" in model
+                                                                        else model} if model else {}))
     real = read_store(work / "real.h5")
     rng = np.random.default_rng(0)
     n_syn = max(0, items - len(real.names))
@@ -51,14 +61,14 @@ def main():
     ap.add_argument("--searches", type=int, default=500, help="per client")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--model", default=None, help="embedding model (default: the library's); A+B: an ensemble")
+    ap.add_argument("--old-rev", default=None, help="also serve with the code of this git revision, same run")
     args = ap.parse_args()
-    import httpx
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="serve-load-"))
     col = work / "col"
     if not (col / "manifest.json").exists():
         t0 = time.perf_counter()
-        col = build_collection(work, args.items)
+        col = build_collection(work, args.items, args.model)
         print(f"collection: {args.items} items built in {time.perf_counter() - t0:.0f} s ({col})", flush=True)
     queries = [p.read_bytes() for p in sorted((work / "sample" / "queries").glob("*.jpg"))]
 
@@ -75,9 +85,27 @@ def main():
     svc.close()  # the server below needs the folder
     print(f"baseline in-process (no HTTP, sequential): {base_rate:.1f} searches/s", flush=True)
 
-    log = open(work / "server.log", "w")
+    servers = []
+    if args.old_rev:
+        old_src = work / f"src-{args.old_rev}"
+        if not old_src.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_src), args.old_rev], check=True,
+                           capture_output=True)
+        servers.append((f"code of {args.old_rev}", old_src / "src"))
+    servers.append(("current code", ROOT / "src"))
+    for label, src in servers:
+        rate = load(args, col, queries, label, src, work)
+        print(f"  = {rate / base_rate:.2f}x the in-process sequential baseline ({label})", flush=True)
+
+
+def load(args, col: Path, queries: list[bytes], label: str, src: Path, work: Path) -> float:
+    """Serve ``col`` with the package under ``src`` and run the clients; prints and returns searches/s."""
+    import httpx
+
+    log = open(work / "server.log", "a")
+    env = {**os.environ, "PYTHONPATH": str(src)}
     server = subprocess.Popen([sys.executable, "-m", "lookalike.cli", "serve", str(col), "--port", str(args.port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{args.port}"
     try:
         for _ in range(600):
@@ -87,7 +115,7 @@ def main():
             except httpx.HTTPError:
                 time.sleep(0.5)
         stats = httpx.get(url + "/stats").json()
-        print(f"server: {stats['items']} items, {stats['dim']}-d, {stats['factory']}", flush=True)
+        print(f"server ({label}): {stats['items']} items, {stats['dim']}-d, {stats['factory']}", flush=True)
         lat: list[float] = []
         errors: list[str] = []
         lock = threading.Lock()
@@ -121,12 +149,12 @@ def main():
     lat_ms = sorted(1000 * x for x in lat)
     p = lambda q: lat_ms[min(len(lat_ms) - 1, int(q * len(lat_ms)))] if lat_ms else float("nan")  # noqa: E731
     rate = len(lat) / wall
-    print(f"load: {args.clients} clients x {args.searches} searches = {total}; errors {len(errors)}; "
+    print(f"load ({label}): {args.clients} clients x {args.searches} searches = {total}; errors {len(errors)}; "
           f"p50 {p(0.50):.0f} ms, p99 {p(0.99):.0f} ms, max {lat_ms[-1] if lat_ms else float('nan'):.0f} ms; "
-          f"{rate:.1f} searches/s = {rate / base_rate:.2f}x the in-process sequential baseline "
-          f"(mean {statistics.mean(lat_ms) if lat_ms else float('nan'):.0f} ms)")
+          f"{rate:.1f} searches/s (mean {statistics.mean(lat_ms) if lat_ms else float('nan'):.0f} ms)", flush=True)
     if errors:
         print("first errors:", errors[:5])
+    return rate
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def clustered(n_q=40, n_g=300, d=16, n_classes=25, seed=0):
 @pytest.mark.parametrize("n", [1000, 51, 50, 21, 20, 11, 10, 3])
 def test_default_grid_unchanged(n):
     # parameters added since (with their defaults) are not part of the frozen copy
-    added = {"df_truncate": -1}
+    added = {"kr_row_max": 0, "df_truncate": -1}
     dicts = [c.to_dict() for c in default_grid(n)]
     assert all(d[k] == v for d in dicts for k, v in added.items())
     new = json.dumps([{k: v for k, v in d.items() if k not in added} for d in dicts])  # order and int/float types count
@@ -66,14 +66,15 @@ def test_default_grid_unchanged(n):
 def test_config_json_shape_and_dataclass_behaviour():
     cfg = RerankConfig(("dba", "qe"), dba_k=3, qe_alpha=0.0)
     d = cfg.to_dict()
-    assert list(d) == ["steps", *OLD_DEFAULTS, "df_truncate"]  # a parameter added later goes last
-    assert d == {"steps": ["dba", "qe"], **OLD_DEFAULTS, "df_truncate": -1, "dba_k": 3, "qe_alpha": 0.0}
-    assert [p.name for p in rerank_parameters()] == [*OLD_DEFAULTS, "df_truncate"]
+    old = list(OLD_DEFAULTS)  # a parameter added later goes after its step's others
+    assert list(d) == ["steps", *old[:7], "kr_row_max", *old[7:], "df_truncate"]
+    assert d == {"steps": ["dba", "qe"], **OLD_DEFAULTS, "kr_row_max": 0, "df_truncate": -1, "dba_k": 3, "qe_alpha": 0.0}
+    assert [p.name for p in rerank_parameters()] == [*old[:7], "kr_row_max", *old[7:], "df_truncate"]
     assert RerankConfig.from_dict(d) == cfg and RerankConfig.from_dict(d) is not cfg
     assert cfg != RerankConfig(("dba", "qe"), dba_k=3) and cfg != d
     assert cfg.dba_k == 3 and cfg.k1 == 20 and cfg.params["qe_alpha"] == 0.0
     assert repr(RerankConfig("kr")) == ("RerankConfig(steps=('kr',), dba_k=2, dba_alpha=3.0, qe_k=2, qe_alpha=3.0, "
-                                       "k1=20, k2=6, kr_lambda=0.3, df_k=30, df_query_k=10, df_gamma=3.0, "
+                                       "k1=20, k2=6, kr_lambda=0.3, kr_row_max=0, df_k=30, df_query_k=10, df_gamma=3.0, "
                                        "df_alpha=0.99, df_iters=20, df_truncate=-1)")
     cfg.k1 = 7  # settable like a dataclass field, and written out
     assert cfg.to_dict()["k1"] == 7
