@@ -3,7 +3,7 @@ import pytest
 
 from lookalike.errors import LookalikeError
 from lookalike.metrics import retrieval_metrics
-from lookalike.postprocess import PCAWhitening, _smallest_k, alpha_qe, dba, k_reciprocal_rerank, l2n
+from lookalike.postprocess import PCAWhitening, _within_margin_of_kth, alpha_qe, dba, k_reciprocal_rerank, l2n
 
 
 def clustered(n_q, n_g, d=32, n_clusters=200, noise=0.7, seed=0):
@@ -94,15 +94,16 @@ def test_k_reciprocal_blocks():
     assert all(sorted(r) == list(range(len(g))) for r in iall)
 
 
-def test_smallest_k_breaks_ties_by_column():
-    d = np.array([[3.0, 1.0, 2.0, 1.0, 0.5, 2.0],
-                  [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
-                  [9.0, 8.0, 7.0, 6.0, 5.0, 4.0]])
-    cols, neg = _smallest_k(d, 3)
-    assert cols.tolist() == [[4, 1, 3], [0, 1, 2], [5, 4, 3]]
-    assert np.array_equal(-neg, np.take_along_axis(d, cols, 1).astype(np.float32))
-    cols, _ = _smallest_k(d, 6)  # k = width: a full stable sort
-    assert cols.tolist() == np.argsort(d, axis=1, kind="stable").tolist()
+def test_within_margin_of_kth():
+    key = np.array([[3.0, 1.0, 2.0, 1.0, 0.5, 2.0],
+                    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                    [9.0, 8.0, 7.0, 6.0, 5.0, 4.0]], np.float32)
+    ri, cj = _within_margin_of_kth(key, 3, margin=0.0)
+    assert list(zip(ri.tolist(), cj.tolist())) == [(0, 1), (0, 3), (0, 4), *[(1, j) for j in range(6)], (2, 3), (2, 4), (2, 5)]
+    ri, cj = _within_margin_of_kth(key, 3, margin=np.array([1.0, 0.0, 0.5], np.float32))
+    assert cj[ri == 0].tolist() == [1, 2, 3, 4, 5] and cj[ri == 2].tolist() == [3, 4, 5]
+    ri, _ = _within_margin_of_kth(key, 6, margin=0.0)  # k = width: everything
+    assert len(ri) == key.size
 
 
 def test_alpha_qe_hand_computed():

@@ -544,6 +544,20 @@ def codec_evaluate(feats, codec_path, labels, json_out):
 
 
 @main.command()
+@click.argument("collection", type=click.Path(file_okay=False))
+@click.argument("output", type=click.Path(file_okay=False))
+@click.option("--shards", type=click.IntRange(2, 4096), default=2, show_default=True, help="Number of shards.")
+@_handle_errors
+def shard(collection, output, shards):
+    """Split a Flat or IVF collection into shard collections (for lookalike.cluster.serve_shards:
+    one Ray Serve replica per shard, merged top-k equal to the whole collection's)."""
+    from .api import shard as _shard
+
+    folders = _shard(collection, output, shards=shards)
+    click.echo(f"shard: {len(folders)} shards of {collection} in {output} (shards.json)")
+
+
+@main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--variants", type=click.IntRange(1, 100), default=3, show_default=True, help="Query photos made per gallery photo.")
 @_handle_errors

@@ -230,21 +230,16 @@ def _expansion_sets(R: np.ndarray, Rh: np.ndarray, chunk: int = 4096) -> list[np
     return sets
 
 
-def _smallest_k(d: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k smallest entries of ``d`` ordered by (value, column): ``(columns, -values)``.
-
-    argpartition finds the k-th value; every entry up to it (ties included) is then ordered exactly,
-    so ties are broken by column whatever order argpartition left them in.
-    """
-    rows = np.arange(len(d))
-    part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else np.argsort(d, axis=1)
-    kth = d[rows[:, None], part].max(1)
-    ri, cj = np.nonzero(d <= kth[:, None])
-    v = d[ri, cj]
-    order = np.lexsort((cj, v, ri))
-    ri, cj, v = ri[order], cj[order], v[order]
-    take = np.searchsorted(ri, rows)[:, None] + np.arange(k)[None, :]
-    return cj[take], (-v[take]).astype(np.float32)
+def _within_margin_of_kth(key: np.ndarray, k: int, margin) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns), row-major, of every entry of ``key`` at most ``margin`` (per row) above its row's k-th
+    smallest: at least k per row, so an exact re-scoring of these picks the same top k as an exact
+    scoring of the whole row whenever ``key`` is within ``margin / 2`` of it."""
+    if k < key.shape[1]:
+        part = np.argpartition(key, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(key, part, 1).max(1)
+    else:
+        kth = key.max(1)
+    return np.nonzero(key <= (kth + np.asarray(margin, np.float32))[:, None])
 
 
 def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, k1: int = 20, k2: int = 6,
@@ -316,20 +311,38 @@ def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, k
         starts = np.repeat(VgT.indptr[block.col], cnt)
         within = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)
         idx = starts + within
-        # Σ_t min(V[i,t], V[j,t]) for every (query i of the block, gallery j), dense: one bincount
-        m = np.bincount(rep_i * ng + VgT.indices[idx], weights=np.minimum(rep_a, VgT.data[idx]),
-                        minlength=b * ng).reshape(b, ng)
+        # Σ_t min(V[i,t], V[j,t]) for every (query i of the block, gallery j): one bincount, then
+        # only its nonzero entries are kept (sorted, as flat positions in the block)
+        m = np.bincount(rep_i * ng + VgT.indices[idx], weights=np.minimum(rep_a, VgT.data[idx]), minlength=b * ng)
         del rep_i, rep_a, starts, within, idx
-        # every gallery item is a candidate (Jaccard 1 where m is 0), so each query gets k results;
-        # the (block x gallery) similarity slab by BLAS is cheaper than gathering candidate rows
-        final = 1.0 - m / (2.0 - m)
-        final *= 1 - lambda_value
-        if row_max:
-            final += lambda_value * ((2.0 - 2.0 * (q[s:e] @ g.T)) / scale[s:e, None])
-        else:
-            final += lambda_value * (2.0 - 2.0 * (q[s:e] @ g.T))
+        nz = np.flatnonzero(m)
+        m_nz = m[nz]
         del m
-        out_ids[s:e], out_scores[s:e] = _smallest_k(final, k)
+        # every gallery item is a candidate (Jaccard 1 where there is no overlap), so each query gets
+        # k results. The ranking key is the final distance without its per-row constant, in float32:
+        # -2λ·s/scale - (1-λ)·m/(2-m); the (block x gallery) similarity slab by BLAS is cheaper than
+        # gathering candidate rows. Rows within a margin of the k-th key get the exact float64 final.
+        sims = q[s:e] @ g.T
+        c = (-2.0 * lambda_value / scale[s:e, None]).astype(np.float32)
+        key = sims * c
+        key.ravel()[nz] -= ((1 - lambda_value) * (m_nz / (2.0 - m_nz))).astype(np.float32)
+        ri, cj = _within_margin_of_kth(key, k, margin=1e-4 * (1.0 + np.abs(c[:, 0])))
+        del key
+        flat = ri * ng + cj
+        pos = np.minimum(np.searchsorted(nz, flat), max(len(nz) - 1, 0))
+        mm = np.where(nz[pos] == flat, m_nz[pos], 0.0) if len(nz) else np.zeros(len(flat))
+        final = 1.0 - mm / (2.0 - mm)
+        final *= 1 - lambda_value
+        dist = 2.0 - 2.0 * sims[ri, cj]
+        if row_max:
+            dist = dist / scale[s + ri]
+        final += lambda_value * dist
+        del sims
+        order = np.lexsort((cj, final, ri))
+        ri, cj, final = ri[order], cj[order], final[order]
+        take = np.searchsorted(ri, np.arange(b))[:, None] + np.arange(k)[None, :]
+        out_ids[s:e] = cj[take]
+        out_scores[s:e] = -final[take]
         s = e
     return out_scores, out_ids
 

@@ -50,6 +50,14 @@ def sample(directory, variants: int = 3) -> dict:
     return make_sample(directory, variants=variants)
 
 
+def shard(collection, output, shards: int = 2, sizes: list[int] | None = None) -> list:
+    """``lookalike shard``: split a Flat or IVF collection into ``shards`` shard collections under
+    ``output`` (``shards.json`` lists them); serve them with :func:`lookalike.cluster.serve_shards`."""
+    from ..cluster import split_collection
+
+    return split_collection(collection, output, shards=shards, sizes=sizes)
+
+
 def codec_fit(feats, output, nbytes: int, method: str = "opq", bits: int = 8, labels=None, epochs: int = 30,
               latent_dim: int | None = None, selection: str = "identities", seed: int = 0):
     """``lookalike codec fit``: fit a codec on training features; returns the ``Codec``."""
