@@ -3,7 +3,7 @@ import pytest
 
 from lookalike.errors import LookalikeError
 from lookalike.metrics import retrieval_metrics
-from lookalike.postprocess import PCAWhitening, _within_margin_of_kth, alpha_qe, dba, k_reciprocal_rerank, l2n
+from lookalike.postprocess import PCAWhitening, _kth_per_row, alpha_qe, dba, k_reciprocal_rerank, l2n
 
 
 def clustered(n_q, n_g, d=32, n_clusters=200, noise=0.7, seed=0):
@@ -94,16 +94,32 @@ def test_k_reciprocal_blocks():
     assert all(sorted(r) == list(range(len(g))) for r in iall)
 
 
-def test_within_margin_of_kth():
-    key = np.array([[3.0, 1.0, 2.0, 1.0, 0.5, 2.0],
-                    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
-                    [9.0, 8.0, 7.0, 6.0, 5.0, 4.0]], np.float32)
-    ri, cj = _within_margin_of_kth(key, 3, margin=0.0)
-    assert list(zip(ri.tolist(), cj.tolist())) == [(0, 1), (0, 3), (0, 4), *[(1, j) for j in range(6)], (2, 3), (2, 4), (2, 5)]
-    ri, cj = _within_margin_of_kth(key, 3, margin=np.array([1.0, 0.0, 0.5], np.float32))
-    assert cj[ri == 0].tolist() == [1, 2, 3, 4, 5] and cj[ri == 2].tolist() == [3, 4, 5]
-    ri, _ = _within_margin_of_kth(key, 6, margin=0.0)  # k = width: everything
-    assert len(ri) == key.size
+def test_kth_per_row():
+    from scipy import sparse
+
+    m = sparse.csr_matrix(np.array([[0, 3.0, 1.0, 0, 2.0], [0, 0, 0, 0, 0], [5.0, 0, 0, 4.0, 0]]))
+    rows = np.repeat(np.arange(3), np.diff(m.indptr))
+    assert _kth_per_row(m.data, rows, m.indptr, 3, 2).tolist() == [2.0, np.inf, 5.0]
+    assert _kth_per_row(m.data, rows, m.indptr, 3, 3).tolist() == [3.0, np.inf, np.inf]
+    assert _kth_per_row(m.data, rows, m.indptr, 3, 4).tolist() == [np.inf] * 3
+
+
+def test_k_reciprocal_lambda_zero_and_few_overlaps():
+    q, g, _, _ = clustered(40, 300, d=16, n_clusters=30, noise=0.8, seed=7)
+    ref = dense_k_reciprocal(q, g, lam=0.0)
+    scores, ids = k_reciprocal_rerank(q, g, k=10, lambda_value=0.0)
+    assert np.allclose(-scores, np.take_along_axis(ref, ids, 1), atol=1e-6)
+    assert np.allclose(-scores, np.sort(ref, axis=1)[:, :10], atol=1e-6)  # the 10 smallest, whatever the ties
+    # items without overlap (Jaccard 1, all tied) come by similarity
+    s2, i2 = k_reciprocal_rerank(q, g, k=60, k1=3, k2=1, lambda_value=0.0)
+    tied = s2 == -1.0
+    assert tied.sum() > 100
+    sims = np.take_along_axis(q @ g.T, i2, 1)
+    for row in range(len(q)):
+        t = sims[row][tied[row]]
+        assert (np.diff(t) <= 1e-6).all()
+        rest = np.setdiff1d(np.arange(len(g)), i2[row][~tied[row]])  # the tied ones are the most similar of the rest
+        assert np.allclose(np.sort(t)[::-1], np.sort(q[row] @ g[rest].T)[::-1][: len(t)], atol=1e-6)
 
 
 def test_alpha_qe_hand_computed():

@@ -230,16 +230,16 @@ def _expansion_sets(R: np.ndarray, Rh: np.ndarray, chunk: int = 4096) -> list[np
     return sets
 
 
-def _within_margin_of_kth(key: np.ndarray, k: int, margin) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, columns), row-major, of every entry of ``key`` at most ``margin`` (per row) above its row's k-th
-    smallest: at least k per row, so an exact re-scoring of these picks the same top k as an exact
-    scoring of the whole row whenever ``key`` is within ``margin / 2`` of it."""
-    if k < key.shape[1]:
-        part = np.argpartition(key, k - 1, axis=1)[:, :k]
-        kth = np.take_along_axis(key, part, 1).max(1)
-    else:
-        kth = key.max(1)
-    return np.nonzero(key <= (kth + np.asarray(margin, np.float32))[:, None])
+def _kth_per_row(values: np.ndarray, rows: np.ndarray, indptr: np.ndarray, n_rows: int, k: int) -> np.ndarray:
+    """The k-th smallest of each row's ``values`` (CSR layout: ``rows`` sorted, ``indptr``); +inf for
+    rows with fewer than k."""
+    cnt = np.diff(indptr)
+    out = np.full(n_rows, np.inf)
+    if not len(values) or cnt.max() < k:
+        return out
+    pad = np.full((n_rows, int(cnt.max())), np.inf)
+    pad[rows, np.arange(len(values)) - indptr[rows]] = values
+    return np.partition(pad, k - 1, axis=1)[:, k - 1]
 
 
 def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, k1: int = 20, k2: int = 6,
@@ -311,34 +311,48 @@ def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, k
         starts = np.repeat(VgT.indptr[block.col], cnt)
         within = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)
         idx = starts + within
-        # Σ_t min(V[i,t], V[j,t]) for every (query i of the block, gallery j): one bincount, then
-        # only its nonzero entries are kept (sorted, as flat positions in the block)
-        m = np.bincount(rep_i * ng + VgT.indices[idx], weights=np.minimum(rep_a, VgT.data[idx]), minlength=b * ng)
+        # Σ_t min(V[i,t], V[j,t]) for every (query i of the block, gallery j) with an overlap; CSR with
+        # duplicates summed, so the flat positions row·ng + column come out sorted
+        M = sparse.csr_matrix((np.minimum(rep_a, VgT.data[idx]), (rep_i, VgT.indices[idx])), shape=(b, ng))
         del rep_i, rep_a, starts, within, idx
-        nz = np.flatnonzero(m)
-        m_nz = m[nz]
-        del m
-        # every gallery item is a candidate (Jaccard 1 where there is no overlap), so each query gets
-        # k results. The ranking key is the final distance without its per-row constant, in float32:
-        # -2λ·s/scale - (1-λ)·m/(2-m); the (block x gallery) similarity slab by BLAS is cheaper than
-        # gathering candidate rows. Rows within a margin of the k-th key get the exact float64 final.
+        M.sum_duplicates()
+        cnt = np.diff(M.indptr)
+        r_nz = np.repeat(np.arange(b), cnt)
+        nz = r_nz * ng + M.indices
+        m_nz = M.data
+        # Every gallery item is a candidate (Jaccard 1 where there is no overlap), so each query gets
+        # k results. Ranking key = the final distance without its per-row constant:
+        # c·s - (1-λ)·m/(2-m), c = -2λ/scale. The (block x gallery) similarity slab by BLAS is cheaper
+        # than gathering candidate rows. A row's k-th key is at most the k-th among its overlaps
+        # (``thr``), so the candidates are the overlaps with key <= thr and the items with c·s <= thr,
+        # i.e. s >= thr / c: one comparison over the slab. They get the exact float64 final below.
         sims = q[s:e] @ g.T
-        c = (-2.0 * lambda_value / scale[s:e, None]).astype(np.float32)
-        key = sims * c
-        key.ravel()[nz] -= ((1 - lambda_value) * (m_nz / (2.0 - m_nz))).astype(np.float32)
-        ri, cj = _within_margin_of_kth(key, k, margin=1e-4 * (1.0 + np.abs(c[:, 0])))
-        del key
-        flat = ri * ng + cj
+        c = (-2.0 * lambda_value / scale[s:e]).astype(np.float64)
+        key_nz = c[r_nz] * sims.ravel()[nz] - (1 - lambda_value) * (m_nz / (2.0 - m_nz))
+        margin = 1e-4 * (1.0 + np.abs(c))
+        thr = _kth_per_row(key_nz, r_nz, M.indptr, b, k)
+        few = np.flatnonzero(cnt < k)  # fewer overlaps than k: the k-th key of the whole row
+        if len(few):
+            dense = sims[few] * c[few, None]
+            sel = np.isin(r_nz, few)
+            dense[np.searchsorted(few, r_nz[sel]), M.indices[sel]] = key_nz[sel]
+            thr[few] = np.partition(dense, k - 1, axis=1)[:, k - 1]
+        with np.errstate(divide="ignore", invalid="ignore"):  # c < 0: c·s <= thr + margin  <=>  s >= bound
+            bound = np.where(c < 0, (thr + margin) / c, np.where(thr + margin >= 0, -np.inf, np.inf)).astype(np.float32)
+        ri, cj = np.nonzero(sims >= bound[:, None])
+        flat = np.union1d(ri * ng + cj, nz[key_nz <= (thr + margin)[r_nz]])
+        ri, cj = flat // ng, flat % ng
         pos = np.minimum(np.searchsorted(nz, flat), max(len(nz) - 1, 0))
         mm = np.where(nz[pos] == flat, m_nz[pos], 0.0) if len(nz) else np.zeros(len(flat))
         final = 1.0 - mm / (2.0 - mm)
         final *= 1 - lambda_value
-        dist = 2.0 - 2.0 * sims[ri, cj]
+        sv = sims[ri, cj]
+        del sims
+        dist = 2.0 - 2.0 * sv
         if row_max:
             dist = dist / scale[s + ri]
         final += lambda_value * dist
-        del sims
-        order = np.lexsort((cj, final, ri))
+        order = np.lexsort((cj, -sv, final, ri))  # equal finals (λ = 0: no overlap): the more similar first
         ri, cj, final = ri[order], cj[order], final[order]
         take = np.searchsorted(ri, np.arange(b))[:, None] + np.arange(k)[None, :]
         out_ids[s:e] = cj[take]
