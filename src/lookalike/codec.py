@@ -3,7 +3,8 @@
 Every codec is the same three parts:
 
 1. an orthonormal linear map to a latent space (``x -> (x - mean) @ P.T``): PCA (``sq``), the
-   identity (``pq``), faiss's OPQ rotation (``opq``), or a projection chosen and *learned* for
+   identity (``pq``), faiss's OPQ rotation (``opq``; on a small fitting set, of a PCA subspace whose
+   size :func:`opq_latent_dim` picks from the set's size), or a projection chosen and *learned* for
    retrieval on held-out identities (``learned``: PCA, the discriminant (LDA) subspace when labels
    are given, or OPQ, optionally fine-tuned with torch; see :mod:`lookalike.codec_train`);
 2. a quantiser that gives exactly ``B`` bytes per vector: per-dimension uniform 8- or 4-bit levels
@@ -153,8 +154,56 @@ def _identity_projection(codec: "Codec", x: np.ndarray, labels) -> None:
     return None
 
 
+# The opq method's latent size on small fitting sets (measured in BENCHMARKS.md, "64-byte codes on
+# small fitting sets"): below _OPQ_SMALL_SET vectors per feature dimension, a full-dimensional OPQ
+# whose sub-quantisers get _OPQ_COARSE_DIMS or fewer dimensions each fits 256 centroids to about ten
+# vectors apiece (and a d x d rotation to a few vectors per dimension): against the top
+# _OPQ_DIMS_PER_BYTE * nbytes principal directions rotated and quantised instead, it lost up to 4 points of
+# the grocery score and 17-30 of the books score at 64-256 B, and fitted 2-7x slower. Coarser
+# sub-quantisers (16-32 B for 1,280-1,792-d features) keep the full rotation, which scored best there.
+_OPQ_SMALL_SET = 8
+_OPQ_COARSE_DIMS = 32
+_OPQ_DIMS_PER_BYTE = 2
+
+
+def opq_latent_dim(n: int, d: int, nbytes: int) -> int:
+    """The latent size the ``opq`` method picks for ``n`` fitting vectors of ``d`` dimensions at
+    ``nbytes`` sub-quantisers: ``d`` rounded up to a multiple of ``nbytes`` (the full rotation, as
+    before this rule) unless the set is small (``n < 8 d``) and the full rotation would leave each
+    sub-quantiser 32 dimensions or fewer; then ``2 * nbytes`` principal directions. Never more than
+    ``n`` (faiss's OPQ crashes the process on fewer vectors than dimensions), never fewer than
+    ``nbytes``."""
+    full = -(-d // nbytes) * nbytes
+    if n >= _OPQ_SMALL_SET * d:
+        return full
+    k = full if full > _OPQ_COARSE_DIMS * nbytes else min(full, _OPQ_DIMS_PER_BYTE * nbytes)
+    return min(k, max(nbytes, n // nbytes * nbytes))
+
+
+def opq_projection(xc: np.ndarray, nbytes: int, seed: int, latent: int | None = None) -> np.ndarray:
+    """``(latent, d)`` orthonormal rows for the centred rows ``xc``: faiss's OPQ rotation of all
+    ``d`` dimensions when ``latent`` (default: :func:`opq_latent_dim`) is ``d`` rounded up to a
+    multiple of ``nbytes`` (exactly :func:`opq_rotation`), else of the top ``latent`` principal
+    directions (a multiple of ``nbytes``; PCA alone when there are fewer vectors than that)."""
+    n, d = xc.shape
+    full = -(-d // nbytes) * nbytes
+    latent = opq_latent_dim(n, d, nbytes) if latent is None else int(latent)
+    if latent >= full:
+        return opq_rotation(xc, nbytes, seed)
+    if latent < nbytes or latent % nbytes:
+        raise LookalikeError(f"opq latent size {latent}: give a multiple of the {nbytes} sub-quantisers, "
+                             f"or {full} or more for the full rotation")
+    basis = pca_basis(xc, latent)
+    if n < latent:  # faiss's OPQ crashes on fewer vectors than dimensions
+        return orthonormal_rows(basis)
+    return orthonormal_rows(opq_rotation(xc @ basis.T, nbytes, seed) @ basis)
+
+
 def _opq_projection(codec: "Codec", x: np.ndarray, labels) -> np.ndarray:
-    return opq_rotation(x - codec.mean_, codec.nbytes, codec.seed)
+    proj = opq_projection(x - codec.mean_, codec.nbytes, codec.seed, codec.latent_dim)
+    full = -(-x.shape[1] // codec.nbytes) * codec.nbytes
+    codec.history_ = [{"chosen": f"{len(proj)}/{'opq' if len(proj) >= full else 'pca+opq'}", "fit_count": len(x)}]
+    return proj
 
 
 # The built-in methods. Their ids are those of the files written before the registry existed.
@@ -173,7 +222,9 @@ class Codec:
     nbytes: int = 64
     method: str = "opq"
     bits: int = 8  # sq only: 8 or 4 bits per latent dimension
-    latent_dim: int | None = None  # learned only: None = chosen on held-out training features
+    # learned: None = chosen on held-out training features; opq: None = opq_latent_dim(n, d, nbytes)
+    # of the fitting set (d or more: the full rotation, as before that rule)
+    latent_dim: int | None = None
     epochs: int = 30
     seed: int = 0
     # learned only: how candidates are compared. "identities": on identities held out of the fit

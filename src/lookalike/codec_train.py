@@ -8,7 +8,8 @@ Candidates, each an orthonormal m × d map followed by PQ at the byte budget:
   signal and drop the nuisance (pose, light, background), which is why this codec can score *above*
   the float32 features it compresses;
 - ``opq``: faiss's full-dimensional OPQ rotation (so the learned codec is never worse than OPQ on the
-  held-out identities);
+  held-out identities); when the held-out split leaves fewer training vectors than dimensions (faiss's
+  OPQ crashes there), the ``opq`` method's small-set latent (:func:`lookalike.codec.opq_latent_dim`);
 - ``trained``: the best of the above at its m, fine-tuned with torch (orthogonal parametrisation)
   on relative reconstruction error + a listwise similarity-preservation loss (KL between the
   softmax of each row of the batch's cosine-similarity matrix before and after, temperature 0.05)
@@ -30,7 +31,7 @@ import logging
 
 import numpy as np
 
-from .codec import Codec, opq_rotation
+from .codec import Codec, opq_latent_dim, opq_projection
 from .errors import LookalikeError
 from .numeric import orthonormal_rows, pca_basis
 
@@ -168,7 +169,7 @@ def _candidate(kind: str, xc: np.ndarray, labels, m: int, nbytes: int, seed: int
         return discriminant_basis(xc, labels, m, fill="zero")
     if kind == "lda+pca":
         return discriminant_basis(xc, labels, m, fill="pca")
-    return opq_rotation(xc, nbytes, seed)
+    return opq_projection(xc, nbytes, seed, latent=m)  # m >= d: exactly the full rotation
 
 
 def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes: int, latent_dim: int | None,
@@ -187,9 +188,9 @@ def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes:
         choices += [(m, "lda") for m in ms if m <= n_disc or m in above]
         choices += [(m, "lda+pca") for m in ms if m > n_disc]
     d_opq = -(-d // nbytes) * nbytes
-    if not latent_dim:
-        choices.append((d_opq, "opq"))
     tr, va = _holdout(len(xc), labels, seed, selection)
+    if not latent_dim:  # the full rotation needs as many vectors as dimensions (faiss crashes otherwise)
+        choices.append((d_opq if len(tr) >= d_opq else opq_latent_dim(len(tr), d, nbytes), "opq"))
     scores: dict = {}
     best = choices[-1]
     if len(tr) >= 256 and len(va) >= 20:
