@@ -250,8 +250,9 @@ def k_reciprocal_rerank(queries: np.ndarray, gallery: np.ndarray, k: int = 10, k
     Returns ``(scores, indices)`` of shape (n_queries, k), best first, where score is minus the final
     distance ``(1 - λ)·Jaccard + λ·d``, ``d = 2 - 2·cos`` (the squared distance of unit rows).
     Memory O((nq + ng)·(k1 + k2)·support + max_block·ng); no n × n matrix. Each block of queries
-    scores every gallery item (one BLAS slab and one bincount of the Jaccard overlaps), so the top k
-    is exact without a candidate list.
+    sums its Jaccard overlaps in one CSR matrix and its similarities to the whole gallery in one BLAS
+    slab; each query's k-th overlap key bounds which other items can enter its top k, and only
+    those candidates get the exact final distance.
 
     ``row_max=True`` divides each row's distances by that row's largest distance to any query or
     gallery row before the weights and the final sum, as the DIGIX 2020 winner's ``fast_kr_sparse``
