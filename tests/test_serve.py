@@ -315,8 +315,11 @@ def test_browser_upload_shows_grid(server, collection, tmp_path):
 
 
 def test_batched_search_matches_brute_force(collection, tmp_path):
-    """Concurrent requests, embedded in one network batch and answered by one faiss call == each
-    photo embedded alone + numpy brute force, deletions excluded."""
+    """Concurrent requests, embedded in one network batch and answered by one index scan == each
+    photo embedded alone + numpy brute force, deletions excluded (the requests must really have
+    been grouped)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     from PIL import Image
 
@@ -330,8 +333,13 @@ def test_batched_search_matches_brute_force(collection, tmp_path):
     imgs = [Image.open(collection / "gallery" / n).convert("RGB").rotate(8) for n in ("g_0_0.jpg", "g_1_0.jpg", "g_2_1.jpg")]
     q = np.vstack([service.extractor.embed_images([im]) for im in imgs])  # the reference: one photo at a time
     ks = [3, 11, 1]
-    futures = [service._batcher.submit(imgs[i], ks[i]) for i in range(3)]
-    got = [f.result() for f in futures]
+    sizes = []
+    run = service._batcher.run
+    service._batcher.run = lambda items, ks_: sizes.append(len(items)) or run(items, ks_)
+    service._batcher.wait = 1.0  # the first request waits (up to 1 s) for the others
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(service.search, imgs, ks))
+    assert sizes == [3]
     sims = q @ store.features.T
     for i, k in enumerate(ks):
         order = [j for j in np.argsort(-sims[i], kind="stable") if store.names[j] != "g_1_1.jpg"][:k]
@@ -436,3 +444,27 @@ def test_300_concurrent_searches_get_answers_not_resets(server, collection):
         assert headers["content-type"].startswith("application/json"), (status, headers, data[:100])
         assert status == 200 or headers.get("retry-after") == "1"
     assert _search(server, _jpeg(collection / "gallery" / "g_0_0.jpg")).status_code == 200
+
+
+def test_batcher_gathers_longer_only_under_load():
+    """A lone request waits ``wait``; after a call that answered several, the next gathers for
+    ``busy_wait`` (the other clients are on their way back)."""
+    from lookalike.serve.batcher import Batcher
+
+    calls = []
+    b = Batcher(lambda items, ks: calls.append(list(items)) or [i * 10 for i in items], wait=0.0, busy_wait=1.0)
+    try:
+        first = b.submit(1, 1)
+        assert first.result(timeout=5) == 10
+        time.sleep(0.05)
+        late = [b.submit(2, 1)]
+        time.sleep(0.3)  # the previous call answered one request: no gathering, 2 goes alone
+        late.append(b.submit(3, 1))
+        assert [f.result(timeout=5) for f in late] == [20, 30] and calls == [[1], [2], [3]]
+        b.last_size = 2  # as after a call that answered two
+        late = [b.submit(4, 1)]
+        time.sleep(0.3)  # within busy_wait: 5 joins 4
+        late.append(b.submit(5, 1))
+        assert [f.result(timeout=5) for f in late] == [40, 50] and calls[-1] == [4, 5]
+    finally:
+        b.close()

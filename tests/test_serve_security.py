@@ -243,17 +243,21 @@ def test_idle_connections_make_room(collection, tmp_path):
                 stuck.append(s)
             r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
             assert r.status_code == 200 and r.json()["items"] == 6
-            time.sleep(0.2)
-            closed = []
-            for s in stuck:
-                s.settimeout(0.01)
-                try:
-                    s.recv(65536)  # b"" or a 408: closed
-                    closed.append(True)
-                except socket.timeout:
-                    closed.append(False)
-                except ConnectionResetError:
-                    closed.append(True)
+            deadline = time.monotonic() + 5  # evictions are the event loop's: poll, a loaded machine is slow
+            while True:
+                time.sleep(0.1)
+                closed = []
+                for s in stuck:
+                    s.settimeout(0.01)
+                    try:
+                        s.recv(65536)  # b"" or a 408: closed
+                        closed.append(True)
+                    except socket.timeout:
+                        closed.append(False)
+                    except ConnectionResetError:
+                        closed.append(True)
+                if sum(closed) >= 20 or time.monotonic() > deadline:
+                    break
             assert sum(closed) >= 20 and not any(closed[-3:]), closed  # the oldest went first
         finally:
             for s in stuck:

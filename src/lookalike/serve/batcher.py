@@ -1,5 +1,5 @@
 """Micro-batching of concurrent searches: the photos of every request that is waiting go through the
-network together, then one faiss call answers them all."""
+network together, then one index scan answers them all."""
 from __future__ import annotations
 
 import queue
@@ -10,13 +10,17 @@ from concurrent.futures import Future
 
 class Batcher:
     """Collects concurrent search requests (up to ``max_batch``, waiting at most ``wait`` seconds
-    after the first) and answers them with one call of ``run(items, ks)`` (``items``: what each
-    request submitted, in order)."""
+    after the first, ``busy_wait`` when the previous call answered more than one request: under
+    load the others are on their way) and answers them with one call of ``run(items, ks)``
+    (``items``: what each request submitted, in order)."""
 
-    def __init__(self, run, max_batch: int = 32, wait: float = 0.002):
+    def __init__(self, run, max_batch: int = 32, wait: float = 0.002, busy_wait: float | None = None,
+                 name: str = "lookalike-batcher"):
         self.run, self.max_batch, self.wait = run, max_batch, wait
+        self.busy_wait = wait if busy_wait is None else busy_wait
+        self.last_size = 0
         self.queue: "queue.Queue" = queue.Queue()
-        threading.Thread(target=self._loop, name="lookalike-search-batcher", daemon=True).start()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def submit(self, item, k: int) -> Future:
         fut: Future = Future()
@@ -35,7 +39,7 @@ class Batcher:
             if first[0] is self._STOP:
                 return
             batch = [first]
-            deadline = time.monotonic() + self.wait
+            deadline = time.monotonic() + (self.busy_wait if self.last_size > 1 else self.wait)
             while len(batch) < self.max_batch:
                 try:
                     item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -45,6 +49,7 @@ class Batcher:
                     self.queue.put(item)  # stop after this batch
                     break
                 batch.append(item)
+            self.last_size = len(batch)
             try:
                 results = self.run([b[0] for b in batch], [b[1] for b in batch])
                 for (_, _, fut), res in zip(batch, results):
