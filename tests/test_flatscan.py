@@ -141,3 +141,30 @@ def test_collection_search_uses_the_scan_and_keeps_removals_out(tmp_path):
         assert 3 not in rows and rows[1, 0] == 10
     finally:
         FlatScan.search = real
+
+
+def test_best_first_orders_ties_by_row_and_padding_last():
+    from lookalike.numeric import best_first
+
+    scores = np.array([[0.5, 0.9, 0.5, -np.inf, 0.9]], np.float32)
+    ids = np.array([[7, 4, 2, -1, 1]], np.int64)
+    s, i = best_first(scores, ids)
+    assert i.tolist() == [[1, 4, 2, 7, -1]] and np.allclose(s, [[0.9, 0.9, 0.5, 0.5, -np.inf]])
+    s, i = best_first(scores, ids, 3)
+    assert i.tolist() == [[1, 4, 2]]
+
+
+def test_collection_orders_faiss_ties_by_row_too(tmp_path):
+    """An IVF collection (searched by faiss) gives equal scores in row order, as the scan does."""
+    from lookalike.index import IndexConfig, build_index
+    from lookalike.store import write_store
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[[40, 120, 250]] = x[7]  # four copies of one vector
+    write_store(tmp_path / "g.h5", [f"{i}.jpg" for i in range(len(x))], x, {"model": "toy", "model_id": "toy"})
+    for factory, nprobe in (("Flat", None), ("IVF2,Flat", 2)):
+        col = build_index(tmp_path / "g.h5", tmp_path / factory, IndexConfig(factory=factory, whiten=False, nprobe=nprobe))
+        scores, rows = col.search(x[[7]], 4)
+        assert rows[0].tolist() == [7, 40, 120, 250], factory

@@ -23,16 +23,18 @@ version of the source, is refused with a :class:`LookalikeError` that names the 
 
 ``serve_shards`` deploys a Ray Serve application: one deployment per shard (one replica, which opens
 its shard and answers ``search(features, k)`` with its top-k, global row numbers and names) and a
-router deployment that fans a query batch out to every shard and merges the answers with faiss's own
-``merge_knn_results`` (ties go to the later shard, as faiss's own heaps put the larger row number
-first, so the merge equals the single index). ``search_shards(handle, features, k)`` is the client
-call: numpy arrays and lists of names cross the boundary, nothing else.
+router deployment that fans a query batch out to every shard and merges the answers: best first,
+equal scores by row (``numeric.best_first``, the order ``Collection.search`` gives every index type,
+so the merge equals the single index; faiss's ``merge_knn_results`` put a tie across a shard boundary
+the other way round from the single index's scan). ``search_shards(handle, features, k)`` is the
+client call: numpy arrays and lists of names cross the boundary, nothing else.
 
-Scores are those of the single index bit for bit when faiss computes them the same way: the shards
-run faiss at the thread count the single index ran at (with fewer queries than threads, faiss's score
-moves by an ulp with the thread count, the single index's too), and a Flat shard starts at a multiple
-of faiss's 1024-row BLAS block (the default cut; batches of 20+ queries are computed a block at a
-time and BLAS's last bit depends on the block's shape).
+Scores are those of the single index bit for bit when they are computed the same way: a Flat shard is
+scanned like the single index (``flatscan``, each row's product does not depend on how many rows the
+index has); IVF shards run faiss at the thread count the single index ran at (with fewer queries than
+threads, faiss's score moves by an ulp with the thread count, the single index's too); a shard starts
+at a multiple of faiss's 1024-row BLAS block (the default cut: faiss computes batches of 20+ queries a
+block at a time and BLAS's last bit depends on the block's shape).
 
 The sharded path serves plain faiss search: re-ranking chains (αQE, DBA, k-reciprocal, diffusion)
 need the whole gallery's vectors and its neighbourhoods, which no shard has; a ``rerank`` request is
@@ -41,7 +43,7 @@ refused. Shards are read-only: change the source and split it again.
 Hand-written here, and why: the split bookkeeping (which rows go to which shard, ``shards.json``, the
 checks) because faiss and Ray know nothing of names or collection folders; the fan-out is a few lines
 of ``asyncio.gather`` over Serve handles, and the names lookup after the merge. Serving, placement,
-restarts and transport are Ray Serve's; the merge and the IVF copy are faiss's. Ray is imported only
+restarts and transport are Ray Serve's; the IVF copy is faiss's; the merge is one `lexsort`. Ray is imported only
 inside the functions that need it (it is the optional ``ray`` extra); torch never.
 """
 from __future__ import annotations
@@ -60,6 +62,7 @@ import numpy as np
 from ._io import write_json_atomic
 from .collection import MANIFEST, Collection, read_manifest, write_new
 from .errors import LookalikeError, check_k
+from .numeric import best_first
 
 log = logging.getLogger(__name__)
 
@@ -320,12 +323,11 @@ class ShardSearcher:
 
 
 def merge_answers(answers: list[dict], k: int) -> dict:
-    """The top-k of the shards' answers (in shard order) by faiss's ``merge_knn_results``; names
-    follow the row numbers."""
-    faiss = _faiss()
-    d_all = np.ascontiguousarray(np.stack([a["scores"][:, :k] for a in answers]), np.float32)
-    i_all = np.ascontiguousarray(np.stack([a["ids"][:, :k] for a in answers]), np.int64)
-    scores, ids = faiss.merge_knn_results(d_all, i_all, keep_max=True)
+    """The top-k of the shards' answers (in shard order); names follow the row numbers. Equal scores
+    are ordered by row (``numeric.best_first``), as ``Collection.search`` orders them: faiss's
+    ``merge_knn_results`` put a tie across a shard boundary in another order than one index does."""
+    scores, ids = best_first(np.concatenate([np.asarray(a["scores"][:, :k], np.float32) for a in answers], axis=1),
+                             np.concatenate([np.asarray(a["ids"][:, :k], np.int64) for a in answers], axis=1), k)
     lookup = {}
     for a in answers:
         for row_ids, row_names in zip(a["ids"], a["names"]):

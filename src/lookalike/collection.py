@@ -343,15 +343,18 @@ class Collection:
         return out_s, out_i
 
     def _search_index(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The faiss index's answer; a Flat inner-product index is scanned by onnxruntime instead
-        (``flatscan``: same rows and scores up to float rounding, 2-7x faster below ~256 queries)."""
+        """The faiss index's answer, equal scores ordered by row (``numeric.best_first``: faiss's own
+        tie order depends on its code path); a Flat inner-product index is scanned by onnxruntime
+        instead (``flatscan``: same rows and scores up to float rounding, 2-7x faster below ~256
+        queries)."""
         from . import flatscan
+        from .numeric import best_first
 
         if self._scan is None:
             self._scan = flatscan.FlatScan() if flatscan.supports(self.index) else False
         if self._scan:
             return self._scan.search(self.index, q, k)
-        return self.index.search(q, k)
+        return best_first(*self.index.search(q, k))
 
     def gallery_features(self) -> np.ndarray:
         """The indexed (transformed) vectors of the rows that can be found, in row order (for

@@ -25,6 +25,14 @@ def knn(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(base)))
 
 
+def best_first(scores: np.ndarray, ids: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``(scores, ids)`` ordered best first, equal scores by id, ids ``-1`` last; the
+    first ``k`` columns (all by default). One order for every index type and for merged shards,
+    so a tie is broken the same way whoever computed it."""
+    order = np.lexsort((ids, -scores, ids < 0), axis=-1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
 def covariance_spectrum(xc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending) and eigenvectors (columns, same order) of the covariance of the
     centred rows ``xc`` (float64)."""
