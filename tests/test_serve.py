@@ -336,10 +336,11 @@ def test_batched_search_matches_brute_force(collection, tmp_path):
     sizes = []
     run = service._batcher.run
     service._batcher.run = lambda items, ks_: sizes.append(len(items)) or run(items, ks_)
-    service._batcher.wait = 1.0  # the first request waits (up to 1 s) for the others
-    with ThreadPoolExecutor(3) as pool:
-        got = list(pool.map(service.search, imgs, ks))
-    assert sizes == [3]
+    service._batcher.busy_wait = 5.0  # (a loaded machine may start the threads slowly)
+    with service.arriving(), service.arriving(), service.arriving():  # three requests have begun, as the app counts them
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(service.search, imgs, ks))
+    assert sizes == [3] and service._arriving == 0
     sims = q @ store.features.T
     for i, k in enumerate(ks):
         order = [j for j in np.argsort(-sims[i], kind="stable") if store.names[j] != "g_1_1.jpg"][:k]
@@ -446,25 +447,36 @@ def test_300_concurrent_searches_get_answers_not_resets(server, collection):
     assert _search(server, _jpeg(collection / "gallery" / "g_0_0.jpg")).status_code == 200
 
 
-def test_batcher_gathers_longer_only_under_load():
-    """A lone request waits ``wait``; after a call that answered several, the next gathers for
-    ``busy_wait`` (the other clients are on their way back)."""
+def test_batcher_waits_for_the_expected_requests_only():
+    """A lone request is answered at once; after a call that answered several, or while the server
+    counts requests on their way, the next call waits for that many (at most ``busy_wait``)."""
     from lookalike.serve.batcher import Batcher
 
-    calls = []
-    b = Batcher(lambda items, ks: calls.append(list(items)) or [i * 10 for i in items], wait=0.0, busy_wait=1.0)
+    calls, on_the_way = [], [0]
+    b = Batcher(lambda items, ks: calls.append(list(items)) or [i * 10 for i in items], wait=0.0, busy_wait=2.0,
+                expected=lambda: on_the_way[0])
     try:
-        first = b.submit(1, 1)
-        assert first.result(timeout=5) == 10
-        time.sleep(0.05)
+        assert b.submit(1, 1).result(timeout=5) == 10
         late = [b.submit(2, 1)]
-        time.sleep(0.3)  # the previous call answered one request: no gathering, 2 goes alone
+        time.sleep(0.3)  # the previous call answered one request, none is expected: 2 goes alone
         late.append(b.submit(3, 1))
         assert [f.result(timeout=5) for f in late] == [20, 30] and calls == [[1], [2], [3]]
         b.last_size = 2  # as after a call that answered two
         late = [b.submit(4, 1)]
-        time.sleep(0.3)  # within busy_wait: 5 joins 4
+        time.sleep(0.3)  # 5 joins 4
         late.append(b.submit(5, 1))
         assert [f.result(timeout=5) for f in late] == [40, 50] and calls[-1] == [4, 5]
+        on_the_way[0] = 3  # the last call answered two, the server counts three on their way
+        t0 = time.monotonic()
+        late = [b.submit(6, 1), b.submit(7, 1)]
+        time.sleep(0.3)
+        late.append(b.submit(8, 1))
+        assert [f.result(timeout=5) for f in late] == [60, 70, 80] and calls[-1] == [6, 7, 8]
+        assert time.monotonic() - t0 < 1.5  # it went as soon as the third came, not at busy_wait
+        on_the_way[0] = 0
+        b.last_size, b.busy_wait = 4, 0.2  # expected four, only one comes: it goes after busy_wait
+        t0 = time.monotonic()
+        assert b.submit(9, 1).result(timeout=5) == 90 and calls[-1] == [9]
+        assert 0.15 < time.monotonic() - t0 < 1.5
     finally:
         b.close()

@@ -108,9 +108,10 @@ def create_app(service: SearchService):
     @app.post("/search", summary="Search by an uploaded image")
     async def search(file: UploadFile = File(..., description="the query image"),
                      k: int = Form(10, description="number of results")):
-        _, img = await read_image(file)
-        t0 = time.perf_counter()
-        results = await run_in_threadpool(service.search, img, k)
+        with service.arriving():  # from here the search batcher expects this request
+            _, img = await read_image(file)
+            t0 = time.perf_counter()
+            results = await run_in_threadpool(service.search, img, k)
         return {"results": results, "k": k, "ms": round(1000 * (time.perf_counter() - t0), 1)}
 
     @app.get("/images/{name:path}", summary="JPEG thumbnail of a gallery image",

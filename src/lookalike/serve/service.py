@@ -3,6 +3,8 @@ embedder and a lock. Rows are added and removed only through ``Collection.add`` 
 (journaled, so a restart replays them); this module adds upload checks and thumbnails."""
 from __future__ import annotations
 
+import contextlib
+
 import io
 import logging
 import re
@@ -146,11 +148,12 @@ class SearchService:
         self.started = time.time()
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
         self._changes = 0  # add/delete count: a thumbnail rendered across a change is not cached
-        # one stage: the photos of a group through the network, then one scan for the group. Under load
-        # it gathers for 10 ms, so the scan (which costs about the same for 1 or 16 queries) is shared
-        # by more requests; a lone request waits 2 ms. Two overlapping stages (network | scan) measured
-        # slower with 8 clients (52-64 against 66-69 searches/s): their groups split into ~3 requests.
-        self._batcher = Batcher(self._search_block, wait=0.002, busy_wait=0.010, name="lookalike-search-batcher")
+        # one stage: the photos of a group through the network, then one scan for the group (it costs
+        # about the same for 1 or 16 queries). Two overlapping stages (network | scan) measured slower
+        # with 8 clients (52-64 against 66-69 searches/s): their groups split into ~3 requests.
+        self._arriving = 0  # requests begun (``arriving``) and not answered: the batcher waits for them
+        self._arriving_lock = threading.Lock()
+        self._batcher = Batcher(self._search_block, expected=lambda: self._arriving, name="lookalike-search-batcher")
         # build the model runner and the index scan now: the first requests must not pay for them (nor
         # time out on them; the first scan of a 100k Flat index took ~0.3 s more than the next)
         warm = self.extractor.embed_images([Image.new("RGB", (64, 64), (127, 127, 127))])
@@ -178,16 +181,33 @@ class SearchService:
         self.col.check_queries(feat, self.model_id, "upload")
         return feat
 
+    @contextlib.contextmanager
+    def arriving(self):
+        """Count a request from its start (before its upload is decoded) until it is answered, so a
+        search group being gathered waits for it (see :class:`Batcher`)."""
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
+
     def search(self, img: Image.Image, k: int) -> list[dict]:
         if not 1 <= k <= self.config.k_max:
             raise HTTPError(422, f"k must be between 1 and {self.config.k_max}, got {k}")
-        return self._batcher.submit(img, k).result()
+        from ..data import to_rgb
 
-    def _search_block(self, images: list, ks: list[int]) -> list[list[dict]]:
+        # resized and cropped here, in the request's thread, beside the batch running (~1 ms a photo
+        # that the batch thread did one after another)
+        prepared = self.extractor.prepare(to_rgb(img))
+        return self._batcher.submit(prepared, k).result()
+
+    def _search_block(self, prepared: list, ks: list[int]) -> list[list[dict]]:
         """The photos of every waiting request through the network in one batch (it keeps both cores
         busy in one inference call), then one search for all of them: a (b, d) scan of a Flat index
         costs about what one row's does (the gallery is read once), so the group shares it."""
-        feats = self.extractor.embed_images(images)
+        feats = self.extractor.embed_prepared(prepared)
         self.col.check_queries(feats, self.model_id, "upload")
         with self.lock:
             live = len(self.col)
