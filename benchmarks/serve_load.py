@@ -4,13 +4,16 @@ Builds a collection of ``--items`` (default 100,000) entries: the scikit-image s
 embedded with the default model, plus synthetic rows (noisy copies of those features, so the
 index has the real dimension and model id). Starts `lookalike serve` in a subprocess, then runs
 ``--clients`` threads here, each posting ``--searches`` uploads of the sample query photos to
-``POST /search`` (k 10). Prints errors, p50/p99 latency and searches/s, and, as the baseline
+``POST /search`` (k 10), after ``--warmup`` untimed ones (the client's connection and the server's
+first calls; then all clients start the timed searches together). Prints errors, p50/p99 latency and searches/s, and, as the baseline
 measured in the same run, the same search done in-process (embed + faiss, no HTTP) one at a time.
 
 ``--old-rev REV`` also serves the same collection with the code of an earlier git revision (a
 detached worktree on ``PYTHONPATH``) under the same load, before the current code: old and new side
 by side in one run. ``--model`` chooses the embedding model of the collection (default: the
-library's default).
+library's default), ``--factory`` its faiss index (default Flat; e.g. ``IVF1024,Flat`` with
+``--nprobe``: a collection folder per factory in the work folder, and the share of the Flat top-10
+it finds is printed).
 
     python benchmarks/serve_load.py --items 100000 --clients 8 --searches 500
     python benchmarks/serve_load.py --model lite0 --old-rev 82f14ab --searches 100
@@ -32,13 +35,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_collection(work: Path, items: int, model: str | None = None) -> Path:
+def build_collection(work: Path, items: int, model: str | None = None, factory: str = "Flat",
+                     nprobe: int | None = None) -> Path:
     from lookalike.api import build_index
+    from lookalike.index import IndexConfig
     from lookalike.extract import extract
     from lookalike.postprocess import l2n
     from lookalike.sample import make_sample
     from lookalike.store import read_store, write_store
 
+    out = work / ("col" if factory == "Flat" else "col-" + "".join(c if c.isalnum() else "_" for c in factory))
+    if (out / "manifest.json").exists():
+        return out
+    if (work / "all.h5").exists():
+        build_index(work / "all.h5", out, IndexConfig(factory=factory, nprobe=nprobe), image_root=str(work / "sample" / "gallery"))
+        return out
     make_sample(work / "sample", variants=3)
     res = extract(work / "sample" / "gallery", work / "real.h5", **({"model": tuple(model.split("+")) if "+" in model
                                                                         else model} if model else {}))
@@ -49,9 +60,9 @@ def build_collection(work: Path, items: int, model: str | None = None) -> Path:
     syn = l2n(base + 0.08 * rng.normal(size=base.shape).astype(np.float32))
     names = real.names + [f"synthetic/{i:07d}.jpg" for i in range(n_syn)]
     write_store(work / "all.h5", names, np.vstack([real.features, syn]).astype(np.float32), real.attrs)
-    build_index(work / "all.h5", work / "col", image_root=str(work / "sample" / "gallery"))
+    build_index(work / "all.h5", out, IndexConfig(factory=factory, nprobe=nprobe), image_root=str(work / "sample" / "gallery"))
     del res
-    return work / "col"
+    return out
 
 
 def main():
@@ -59,17 +70,20 @@ def main():
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--searches", type=int, default=500, help="per client")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed searches per client first (connection, first calls)")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--model", default=None, help="embedding model (default: the library's); A+B: an ensemble")
     ap.add_argument("--old-rev", default=None, help="also serve with the code of this git revision, same run")
+    ap.add_argument("--factory", default="Flat", help="faiss index of the collection (default Flat)")
+    ap.add_argument("--nprobe", type=int, default=None, help="IVF lists visited (with an IVF --factory)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="serve-load-"))
-    col = work / "col"
-    if not (col / "manifest.json").exists():
-        t0 = time.perf_counter()
-        col = build_collection(work, args.items, args.model)
-        print(f"collection: {args.items} items built in {time.perf_counter() - t0:.0f} s ({col})", flush=True)
+    t0 = time.perf_counter()
+    col = build_collection(work, args.items, args.model, args.factory, args.nprobe)
+    print(f"collection: {args.items} items, {args.factory}, ready in {time.perf_counter() - t0:.0f} s ({col})", flush=True)
+    if args.factory != "Flat":
+        print(f"share of the Flat top-10 found: {flat_overlap(work, col):.3f}", flush=True)
     queries = [p.read_bytes() for p in sorted((work / "sample" / "queries").glob("*.jpg"))]
 
     # baseline: the same work in-process, one search at a time
@@ -98,6 +112,20 @@ def main():
         print(f"  = {rate / base_rate:.2f}x the in-process sequential baseline ({label})", flush=True)
 
 
+def flat_overlap(work: Path, col: Path) -> float:
+    """Share of the exact (Flat) top-10 that ``col`` returns for the sample queries."""
+    from lookalike.collection import Collection
+    from lookalike.extract import Extractor
+    from lookalike.serve import decode_upload
+
+    approx = Collection.open(col)
+    exact = Collection.open(build_collection(work, 0))
+    imgs = [decode_upload(p.read_bytes(), 10 ** 8) for p in sorted((work / "sample" / "queries").glob("*.jpg"))]
+    feats = Extractor(approx.extract_config()).embed_images(imgs)
+    a, b = approx.search(feats, 10)[1], exact.search(feats, 10)[1]
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a.tolist(), b.tolist())]))
+
+
 def load(args, col: Path, queries: list[bytes], label: str, src: Path, work: Path) -> float:
     """Serve ``col`` with the package under ``src`` and run the clients; prints and returns searches/s."""
     import httpx
@@ -120,8 +148,14 @@ def load(args, col: Path, queries: list[bytes], label: str, src: Path, work: Pat
         errors: list[str] = []
         lock = threading.Lock()
 
+        ready = threading.Barrier(args.clients + 1)
+
         def client(c: int):
             with httpx.Client(timeout=120) as http:
+                for j in range(args.warmup):  # connection, client and first-call paths: not timed
+                    http.post(url + "/search", files={"file": ("q.jpg", queries[c % len(queries)], "image/jpeg")},
+                              data={"k": "10"})
+                ready.wait()
                 for j in range(args.searches):
                     data = queries[(c * 7 + j) % len(queries)]
                     t = time.perf_counter()
@@ -134,10 +168,11 @@ def load(args, col: Path, queries: list[bytes], label: str, src: Path, work: Pat
                     with lock:
                         (errors.append(err) if err else lat.append(time.perf_counter() - t))
 
-        t0 = time.perf_counter()
         threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
         for t in threads:
             t.start()
+        ready.wait()  # every client connected and warmed up: the timed searches start together
+        t0 = time.perf_counter()
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
@@ -150,7 +185,7 @@ def load(args, col: Path, queries: list[bytes], label: str, src: Path, work: Pat
     p = lambda q: lat_ms[min(len(lat_ms) - 1, int(q * len(lat_ms)))] if lat_ms else float("nan")  # noqa: E731
     rate = len(lat) / wall
     print(f"load ({label}): {args.clients} clients x {args.searches} searches = {total}; errors {len(errors)}; "
-          f"p50 {p(0.50):.0f} ms, p99 {p(0.99):.0f} ms, max {lat_ms[-1] if lat_ms else float('nan'):.0f} ms; "
+          f"p50 {p(0.50):.0f} ms, p90 {p(0.90):.0f} ms, p99 {p(0.99):.0f} ms, max {lat_ms[-1] if lat_ms else float('nan'):.0f} ms; "
           f"{rate:.1f} searches/s (mean {statistics.mean(lat_ms) if lat_ms else float('nan'):.0f} ms)", flush=True)
     if errors:
         print("first errors:", errors[:5])
