@@ -3,7 +3,7 @@
 A two-node ONNX graph (``Gemm`` with ``transB`` for the scores, ``TopK`` for the best ``k``) runs
 over the index's own storage: the vectors are viewed in place at every call (no copy, so an index
 that has grown or shrunk since the last call is always read whole and as it is now). Queries go
-through in blocks so the score block stays under ~256 MB.
+through in blocks so the score block stays under ~128 MB (freed after each call).
 
 Why not faiss's own ``search`` for this one index type (measured in ``benchmarks/flat_scan.py``,
 100,000 × 1,263 vectors, 2 cores, AVX-512): the faiss-cpu wheel's bundled OpenBLAS 0.3.15 does not
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK_BYTES = 256 << 20  # score block (queries × rows × 4 bytes) per onnxruntime call
+BLOCK_BYTES = 128 << 20  # score block (queries × rows × 4 bytes) per onnxruntime call
 COLUMN_KERNEL = (4, 16)  # query counts scored as (rows, queries): see FlatScan._session
 
 
@@ -84,6 +84,7 @@ class FlatScan:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads or _faiss_threads()
             opts.inter_op_num_threads = 1
+            opts.enable_cpu_mem_arena = False  # the score block is freed after each call, not kept
             # idle threads sleep at once: a server runs the network next to this, they must not spin
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             opts.log_severity_level = 3
