@@ -5,17 +5,17 @@ over the index's own storage: the vectors are viewed in place at every call (no 
 that has grown or shrunk since the last call is always read whole and as it is now). Queries go
 through in blocks so the score block stays under ~128 MB (freed after each call).
 
-Why not faiss's own ``search`` for this one index type (measured in ``benchmarks/flat_scan.py``,
-100,000 × 1,263 vectors, 2 cores, AVX-512): the faiss-cpu wheel's bundled OpenBLAS 0.3.15 does not
-know recent AMD cores and falls back to its SSE3 kernel, and below 20 queries faiss uses its own
-scan instead of BLAS. onnxruntime's MLAS kernels took 28 ms for 8 queries against faiss's 79 ms and
-99 ms for 64 against 665 ms; from ~256 queries on both are equal. Every other index type (IVF,
-HNSW, PQ, scalar quantisers) still searches with faiss.
+Why not faiss's own ``search`` for this one index type (``benchmarks/flat_scan.py``, 100,000 x
+1,263 vectors, 2 cores, AVX-512): below 20 queries faiss runs its own scan instead of BLAS, and the
+faiss-cpu wheel's bundled OpenBLAS 0.3.15 reports this AMD CPU as "Prescott" (SSE3). onnxruntime's
+MLAS kernels took 35 ms for 8 queries against faiss's 109 ms, and 109 ms for 64 against 789 ms;
+from ~256 queries on both are equal (within +-10 %). Every other index type (IVF, HNSW, PQ, scalar
+quantisers) still searches with faiss.
 
-Results are faiss's, up to float rounding: the same rows and scores within ~1e-6 relative (another
+Results are faiss's up to float rounding: the same rows, scores within ~1e-6 relative (another
 summation order; it also changes with the number of queries in a call, as faiss's does between its
-paths under and over 20 queries), equal scores ordered by row number. Written here because no library offers a
-top-k product over a faiss index's memory; the kernels are onnxruntime's.
+paths under and over 20 queries), equal scores ordered by row number. Written here because no
+library offers a top-k product over a faiss index's memory; the kernels are onnxruntime's.
 """
 from __future__ import annotations
 
