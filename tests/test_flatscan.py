@@ -125,7 +125,7 @@ def test_collection_search_uses_the_scan_and_keeps_removals_out(tmp_path):
     x = rng.integers(-8, 9, (500, 24)).astype(np.float32)
     names = [f"img{i:04d}.jpg" for i in range(len(x))]
     write_store(tmp_path / "g.h5", names, x, {"model": "toy", "model_id": "toy"})
-    col = build_index(tmp_path / "g.h5", tmp_path / "col", IndexConfig(factory="Flat", whiten="none"))
+    col = build_index(tmp_path / "g.h5", tmp_path / "col", IndexConfig(factory="Flat", whiten=False))
     q = x[[3, 10, 200]] + 0.25
     calls = []
     real = FlatScan.search
@@ -168,3 +168,20 @@ def test_collection_orders_faiss_ties_by_row_too(tmp_path):
         col = build_index(tmp_path / "g.h5", tmp_path / factory, IndexConfig(factory=factory, whiten=False, nprobe=nprobe))
         scores, rows = col.search(x[[7]], 4)
         assert rows[0].tolist() == [7, 40, 120, 250], factory
+
+
+def test_nan_is_never_a_result():
+    """A NaN row is never returned (TopK alone ranked NaN first); a NaN query gets no rows, as faiss
+    answers; both kernels."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((200, 12)).astype(np.float32)
+    x[10, 3] = np.nan
+    index = _index(x)
+    for b in (1, 8):  # (queries, rows) and (rows, queries) kernels
+        q = x[[11] * b].copy()
+        scores, rows = FlatScan().search(index, q, 5)
+        assert rows[0, 0] == 11 and 10 not in rows and np.isfinite(scores).all()
+        q[0, 0] = np.nan
+        scores, rows = FlatScan().search(index, q, 5)
+        assert (rows[0] == -1).all() and np.isneginf(scores[0]).all()
+        assert b == 1 or (rows[1, 0] == 11 and 10 not in rows[1])

@@ -480,3 +480,34 @@ def test_batcher_waits_for_the_expected_requests_only():
         assert 0.15 < time.monotonic() - t0 < 1.5
     finally:
         b.close()
+
+
+def test_arriving_is_given_back_and_blas_threads_are_limited_only_during_a_search(collection, tmp_path):
+    """The arrival count comes back to 0 when a request fails; numpy's BLAS runs one thread during a
+    search and gets its threads back after; faiss's thread count is never touched."""
+    import faiss
+    from PIL import Image
+    from threadpoolctl import threadpool_info
+
+    from lookalike.serve import SearchService, ServeConfig
+
+    def threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info() if i["user_api"] in ("blas", "openmp")}
+
+    shutil.copytree(collection / "col", tmp_path / "col", ignore=shutil.ignore_patterns("journal.jsonl", "items"))
+    service = SearchService(tmp_path / "col", ServeConfig(threads=1))
+    try:
+        before, faiss_before = threads(), faiss.omp_get_max_threads()
+        with pytest.raises(RuntimeError):
+            with service.arriving():
+                raise RuntimeError("the request failed")
+        assert service._arriving == 0
+        seen = []
+        real = service.col.search
+        service.col.search = lambda *a, **kw: seen.append(threads()) or real(*a, **kw)
+        service.search(Image.open(collection / "gallery" / "g_0_0.jpg").convert("RGB"), 3)
+        assert seen and any(n == 1 and "faiss" not in path for path, n in seen[0].items())
+        assert all(n == before[path] for path, n in seen[0].items() if "faiss" in path)
+        assert threads() == before and faiss.omp_get_max_threads() == faiss_before
+    finally:
+        service.close()

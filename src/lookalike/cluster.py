@@ -29,12 +29,13 @@ so the merge equals the single index; faiss's ``merge_knn_results`` put a tie ac
 the other way round from the single index's scan). ``search_shards(handle, features, k)`` is the
 client call: numpy arrays and lists of names cross the boundary, nothing else.
 
-Scores are those of the single index bit for bit when they are computed the same way: a Flat shard is
-scanned like the single index (``flatscan``, each row's product does not depend on how many rows the
-index has); IVF shards run faiss at the thread count the single index ran at (with fewer queries than
-threads, faiss's score moves by an ulp with the thread count, the single index's too); a shard starts
-at a multiple of faiss's 1024-row BLAS block (the default cut: faiss computes batches of 20+ queries a
-block at a time and BLAS's last bit depends on the block's shape).
+Scores are those of the single index bit for bit when they are computed the same way:
+- under 128 queries a Flat shard is scanned like the single index (``flatscan``: each row's product
+  does not depend on how many rows the index has);
+- faiss runs at the thread count the single index ran at (with fewer queries than threads, faiss's
+  score moves by an ulp with the thread count, the single index's too);
+- a shard starts at a multiple of faiss's 1024-row BLAS block (the default cut: faiss computes
+  batches of 20+ queries a block at a time and BLAS's last bit depends on the block's shape).
 
 The sharded path serves plain faiss search: re-ranking chains (αQE, DBA, k-reciprocal, diffusion)
 need the whole gallery's vectors and its neighbourhoods, which no shard has; a ``rerank`` request is

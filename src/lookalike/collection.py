@@ -343,16 +343,17 @@ class Collection:
         return out_s, out_i
 
     def _search_index(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The faiss index's answer, equal scores ordered by row (``numeric.best_first``: faiss's own
-        tie order depends on its code path); a Flat inner-product index is scanned by onnxruntime
-        instead (``flatscan``: same rows and scores up to float rounding, 2-7x faster below ~256
-        queries)."""
+        """The faiss index's answer, equal scores among the k ordered by row (``numeric.best_first``:
+        faiss's own tie order depends on its code path; which of several tied rows make the cut at k
+        stays faiss's choice); a Flat inner-product index is scanned by onnxruntime instead for
+        fewer than ``flatscan.FASTER_BELOW`` queries (same rows and scores up to float rounding,
+        3-7x faster there, ties by row also at the cut)."""
         from . import flatscan
         from .numeric import best_first
 
         if self._scan is None:
             self._scan = flatscan.FlatScan() if flatscan.supports(self.index) else False
-        if self._scan:
+        if self._scan and len(q) < flatscan.FASTER_BELOW:
             return self._scan.search(self.index, q, k)
         return best_first(*self.index.search(q, k))
 

@@ -9,13 +9,16 @@ Why not faiss's own ``search`` for this one index type (``benchmarks/flat_scan.p
 1,263 vectors, 2 cores, AVX-512): below 20 queries faiss runs its own scan instead of BLAS, and the
 faiss-cpu wheel's bundled OpenBLAS 0.3.15 reports this AMD CPU as "Prescott" (SSE3). onnxruntime's
 MLAS kernels took 35 ms for 8 queries against faiss's 109 ms, and 109 ms for 64 against 789 ms;
-from ~256 queries on both are equal (within +-10 %). Every other index type (IVF, HNSW, PQ, scalar
-quantisers) still searches with faiss.
+from ~256 queries on faiss is as fast or faster (the NaN guard below costs two passes over the
+scores), so ``Collection.search`` scans calls of fewer than ``FASTER_BELOW`` queries here and larger
+ones with faiss. Every other index type (IVF, HNSW, PQ, scalar quantisers) searches with faiss.
 
 Results are faiss's up to float rounding: the same rows, scores within ~1e-6 relative (another
 summation order; it also changes with the number of queries in a call, as faiss's does between its
-paths under and over 20 queries), equal scores ordered by row number. Written here because no
-library offers a top-k product over a faiss index's memory; the kernels are onnxruntime's.
+paths under and over 20 queries), equal scores ordered by row number. A NaN score (a NaN in a
+query or a row) is never a result: it becomes -inf and its row -1, as faiss answers. Written here
+because no library offers a top-k product over a faiss index's memory; the kernels are
+onnxruntime's.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import numpy as np
 
 BLOCK_BYTES = 128 << 20  # score block (queries × rows × 4 bytes) per onnxruntime call
 COLUMN_KERNEL = (4, 16)  # query counts scored as (rows, queries): see FlatScan._session
+FASTER_BELOW = 128  # queries per call: Collection.search scans fewer with this, more with faiss
 
 
 def supports(index) -> bool:
@@ -64,11 +68,15 @@ class FlatScan:
             import onnxruntime as ort
             from onnx import TensorProto, helper
 
+            # a NaN score (a NaN in a query or a row) becomes -inf, below every real score: TopK would
+            # rank NaN first; faiss never returns such a row, and neither does search() (row -1)
+            no_nan = [helper.make_node("IsNaN", ["raw"], ["nan"]),
+                      helper.make_node("Where", ["nan", "ninf", "raw"], ["s"])]
             if by_row:
-                nodes = [helper.make_node("Gemm", ["q", "x"], ["s"], transB=1),
+                nodes = [helper.make_node("Gemm", ["q", "x"], ["raw"], transB=1), *no_nan,
                          helper.make_node("TopK", ["s", "k"], ["v", "i"], axis=1, largest=1, sorted=1)]
             else:
-                nodes = [helper.make_node("Gemm", ["x", "q"], ["s"], transB=1),
+                nodes = [helper.make_node("Gemm", ["x", "q"], ["raw"], transB=1), *no_nan,
                          helper.make_node("TopK", ["s", "k"], ["vt", "it"], axis=0, largest=1, sorted=1),
                          helper.make_node("Transpose", ["vt"], ["v"], perm=[1, 0]),
                          helper.make_node("Transpose", ["it"], ["i"], perm=[1, 0])]
@@ -78,7 +86,8 @@ class FlatScan:
                  helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d]),
                  helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
                 [helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", "k"]),
-                 helper.make_tensor_value_info("i", TensorProto.INT64, ["b", "k"])])
+                 helper.make_tensor_value_info("i", TensorProto.INT64, ["b", "k"])],
+                [helper.make_tensor("ninf", TensorProto.FLOAT, [], [float("-inf")])])
             model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
             model.ir_version = 8
             opts = ort.SessionOptions()
@@ -109,6 +118,7 @@ class FlatScan:
             sess = self._session(q.shape[1], by_row=not COLUMN_KERNEL[0] <= len(block) <= COLUMN_KERNEL[1])
             v, i = sess.run(None, {"q": block, "x": x, "k": kfeed})
             scores[s : s + step, :kk], rows[s : s + step, :kk] = v, i
+        rows[np.isneginf(scores)] = -1  # NaN scores (made -inf above): no row, as faiss answers
         return scores, rows
 
 

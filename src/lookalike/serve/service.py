@@ -121,6 +121,19 @@ def thumbnail_url(name: str) -> str:
     return f"/images/{quote(name, safe='/')}"
 
 
+_BLAS_LOCK = threading.Lock()
+
+
+def _numpy_blas():
+    """threadpoolctl's handle on the BLAS libraries loaded here except faiss's (faiss's OpenBLAS is an
+    OpenMP build: limiting it would also cut faiss's and the scan's thread counts); None if none."""
+    from threadpoolctl import ThreadpoolController
+
+    ctl = ThreadpoolController()
+    paths = [i["filepath"] for i in ctl.info() if i["user_api"] == "blas" and "faiss" not in i["filepath"]]
+    return ctl.select(filepath=paths) if paths else None
+
+
 class SearchService:
     """The collection, the query embedder and one lock around every use of the collection."""
 
@@ -132,13 +145,8 @@ class SearchService:
         self.path = Path(collection_dir)
         # one owner of the folder while it is served: `update` (or a second server) would lose changes
         self._folder_lock = FolderLock(self.path, "changed by another command: it is being served").acquire()
-        # numpy's BLAS to one thread while serving: its idle threads spin after each small product (the
-        # queries' whitening) and took a core from the network (benchmarks/serve_load.py, 8 clients:
-        # server CPU per search 40 -> 22 core-ms)
-        from threadpoolctl import threadpool_limits
-
-        self._blas = threadpool_limits(limits=1, user_api="blas")
         self.col = Collection.open(self.path)  # replays the journal
+        self._blas = _numpy_blas()
         self.extractor = extractor or Extractor(
             self.col.extract_config(**({"threads": self.config.threads} if self.config.threads else {}),
                                     **({"trust_remote_code": True} if self.config.trust_remote_code else {})))
@@ -167,7 +175,6 @@ class SearchService:
     def close(self) -> None:
         """Stop answering and give the collection folder back (others may change it again)."""
         self._batcher.close()
-        self._blas.restore_original_limits()
         self._folder_lock.release()
 
     def __enter__(self):
@@ -180,6 +187,17 @@ class SearchService:
         feat = self.extractor.embed_images([img])
         self.col.check_queries(feat, self.model_id, "upload")
         return feat
+
+    @contextlib.contextmanager
+    def _one_blas_thread(self):
+        """numpy's BLAS at one thread during a search: its idle threads spin after each small product
+        (the queries' whitening) and took a core from the network (benchmarks/serve_load.py, 8
+        clients: server CPU per search 40 -> 22 core-ms). faiss's own BLAS is left alone."""
+        if self._blas is None:
+            yield
+            return
+        with _BLAS_LOCK, self._blas.limit(limits=1):  # the count is the process's: one limiter at a time
+            yield
 
     @contextlib.contextmanager
     def arriving(self):
@@ -209,7 +227,7 @@ class SearchService:
         costs about what one row's does (the gallery is read once), so the group shares it."""
         feats = self.extractor.embed_prepared(prepared)
         self.col.check_queries(feats, self.model_id, "upload")
-        with self.lock:
+        with self.lock, self._one_blas_thread():
             live = len(self.col)
             self.counters["searches"] += len(ks)
             if live == 0:
