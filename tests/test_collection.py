@@ -379,3 +379,28 @@ def test_a_closed_service_gives_its_folder_back(tmp_path):
     with SearchService(tmp_path / "idx", ServeConfig(threads=1)):
         assert lookalike_cli("update", tmp_path / "idx", "--remove", tmp_path / "gone.txt").returncode == 2
     assert lookalike_cli("update", tmp_path / "idx", "--remove", tmp_path / "gone.txt").returncode == 0
+
+
+def test_add_refuses_non_finite_features_and_journals_nothing(tmp_path):
+    """A NaN or inf row is refused with the name, before the journal: it would otherwise be written,
+    then refused as damaged when the folder is opened again."""
+    import numpy as np
+
+    from lookalike.collection import Collection
+    from lookalike.errors import LookalikeError
+    from lookalike.index import IndexConfig, build_index
+    from lookalike.store import write_store
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 8)).astype(np.float32)
+    write_store(tmp_path / "g.h5", [f"{i}.jpg" for i in range(20)], x, {"model": "toy", "model_id": "toy"})
+    build_index(tmp_path / "g.h5", tmp_path / "col", IndexConfig(whiten=False))
+    col = Collection.open(tmp_path / "col")
+    for bad in (np.nan, np.inf):
+        row = rng.standard_normal((2, 8)).astype(np.float32)
+        row[1, 3] = bad
+        with pytest.raises(LookalikeError, match=r"'new1.jpg'.*not finite"):
+            col.add(["new0.jpg", "new1.jpg"], row, record=True)
+    assert len(col) == 20 and not (tmp_path / "col" / "journal.jsonl").exists()
+    col.add(["new0.jpg"], row[:1], record=True)
+    assert len(Collection.open(tmp_path / "col")) == 21

@@ -413,6 +413,9 @@ class Collection:
         features = np.ascontiguousarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[0] != len(names) or features.shape[1] != self.dim:
             raise LookalikeError(f"{len(names)} names for features of shape {features.shape}; the index has dimension {self.dim}")
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if len(bad):  # a NaN row would be journalled, then refused as damaged when the folder is opened again
+            raise LookalikeError(f"{names[bad[0]]!r}: its features are not finite (NaN or inf); extract it again")
         kind = self._kind()
         if kind in ("ondisk", "codes"):
             what = "built in shards (on-disk lists)" if kind == "ondisk" else "of codes"
