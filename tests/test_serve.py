@@ -453,7 +453,7 @@ def test_batcher_waits_for_the_expected_requests_only():
     from lookalike.serve.batcher import Batcher
 
     calls, on_the_way = [], [0]
-    b = Batcher(lambda items, ks: calls.append(list(items)) or [i * 10 for i in items], wait=0.0, busy_wait=2.0,
+    b = Batcher(lambda items, ks: calls.append(list(items)) or [i * 10 for i in items], busy_wait=2.0,
                 expected=lambda: on_the_way[0])
     try:
         assert b.submit(1, 1).result(timeout=5) == 10

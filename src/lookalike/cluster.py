@@ -44,8 +44,8 @@ refused. Shards are read-only: change the source and split it again.
 Hand-written here, and why: the split bookkeeping (which rows go to which shard, ``shards.json``, the
 checks) because faiss and Ray know nothing of names or collection folders; the fan-out is a few lines
 of ``asyncio.gather`` over Serve handles, and the names lookup after the merge. Serving, placement,
-restarts and transport are Ray Serve's; the IVF copy is faiss's; the merge is one `lexsort`. Ray is imported only
-inside the functions that need it (it is the optional ``ray`` extra); torch never.
+restarts and transport are Ray Serve's; the IVF copy is faiss's; the merge is one ``lexsort``. Ray
+is imported only inside the functions that need it (it is the optional ``ray`` extra); torch never.
 """
 from __future__ import annotations
 

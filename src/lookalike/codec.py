@@ -166,6 +166,12 @@ _OPQ_COARSE_DIMS = 32
 _OPQ_DIMS_PER_BYTE = 2
 
 
+def padded_dim(d: int, nbytes: int) -> int:
+    """``d`` rounded up to a multiple of ``nbytes``: the latent size of the identity projection and of
+    the full OPQ rotation."""
+    return -(-d // nbytes) * nbytes
+
+
 def opq_latent_dim(n: int, d: int, nbytes: int) -> int:
     """The latent size the ``opq`` method picks for ``n`` fitting vectors of ``d`` dimensions at
     ``nbytes`` sub-quantisers: ``d`` rounded up to a multiple of ``nbytes`` (the full rotation, as
@@ -173,7 +179,7 @@ def opq_latent_dim(n: int, d: int, nbytes: int) -> int:
     sub-quantiser 32 dimensions or fewer; then ``2 * nbytes`` principal directions. Never more than
     ``n`` (faiss's OPQ crashes the process on fewer vectors than dimensions), never fewer than
     ``nbytes``."""
-    full = -(-d // nbytes) * nbytes
+    full = padded_dim(d, nbytes)
     if n >= _OPQ_SMALL_SET * d:
         return full
     k = full if full > _OPQ_COARSE_DIMS * nbytes else min(full, _OPQ_DIMS_PER_BYTE * nbytes)
@@ -186,7 +192,7 @@ def opq_projection(xc: np.ndarray, nbytes: int, seed: int, latent: int | None = 
     multiple of ``nbytes`` (exactly :func:`opq_rotation`), else of the top ``latent`` principal
     directions (a multiple of ``nbytes``; PCA alone when there are fewer vectors than that)."""
     n, d = xc.shape
-    full = -(-d // nbytes) * nbytes
+    full = padded_dim(d, nbytes)
     latent = opq_latent_dim(n, d, nbytes) if latent is None else int(latent)
     if latent >= full:
         return opq_rotation(xc, nbytes, seed)
@@ -201,7 +207,7 @@ def opq_projection(xc: np.ndarray, nbytes: int, seed: int, latent: int | None = 
 
 def _opq_projection(codec: "Codec", x: np.ndarray, labels) -> np.ndarray:
     proj = opq_projection(x - codec.mean_, codec.nbytes, codec.seed, codec.latent_dim)
-    full = -(-x.shape[1] // codec.nbytes) * codec.nbytes
+    full = padded_dim(x.shape[1], codec.nbytes)
     codec.history_ = [{"chosen": f"{len(proj)}/{'opq' if len(proj) >= full else 'pca+opq'}", "fit_count": len(x)}]
     return proj
 
@@ -275,7 +281,7 @@ class Codec:
     def _set_projection(self, proj: np.ndarray | None, d: int) -> None:
         if proj is None:  # identity, padded to a multiple of the sub-quantiser count
             self.proj_ = None
-            self.latent_dim_ = -(-d // self.nbytes) * self.nbytes
+            self.latent_dim_ = padded_dim(d, self.nbytes)
         else:
             self.proj_ = _to_grid(proj, 2.0 ** -_PROJ_BITS)
             self.latent_dim_ = self.proj_.shape[0]
@@ -488,7 +494,7 @@ def _codec_from_parts(cls, path, meta: dict, arrays: dict) -> "Codec":
     if spec.projection is _identity_projection and "proj_" in arrays:
         raise bad(f"a projection for method {method}, which has none")
     proj = array("proj_", (latent, dim), required=projects)
-    if proj is None and latent != -(-dim // nbytes) * nbytes:
+    if proj is None and latent != padded_dim(dim, nbytes):
         raise bad(f"latent_dim {latent} for an identity projection of {dim} dimensions in {nbytes} bytes")
     obj = cls(nbytes=nbytes, method=method, bits=bits, seed=seed)
     if spec.quantiser == "scalar":
@@ -515,7 +521,7 @@ def opq_rotation(xc: np.ndarray, m_sub: int, seed: int) -> np.ndarray:
     import faiss
 
     d = xc.shape[1]
-    d2 = -(-d // m_sub) * m_sub
+    d2 = padded_dim(d, m_sub)
     opq = faiss.OPQMatrix(d, m_sub, d2)
     opq.niter = 10
     opq.verbose = False

@@ -31,7 +31,7 @@ import logging
 
 import numpy as np
 
-from .codec import Codec, opq_latent_dim, opq_projection
+from .codec import Codec, opq_latent_dim, opq_projection, padded_dim
 from .errors import LookalikeError
 from .numeric import orthonormal_rows, pca_basis
 
@@ -187,7 +187,7 @@ def choose_and_train_projection(x: np.ndarray, mean: np.ndarray, labels, nbytes:
         above = [m for m in ms if m > n_disc][:1]  # the smallest latent that holds all of it
         choices += [(m, "lda") for m in ms if m <= n_disc or m in above]
         choices += [(m, "lda+pca") for m in ms if m > n_disc]
-    d_opq = -(-d // nbytes) * nbytes
+    d_opq = padded_dim(d, nbytes)
     tr, va = _holdout(len(xc), labels, seed, selection)
     if not latent_dim:  # the full rotation needs as many vectors as dimensions (faiss crashes otherwise)
         choices.append((d_opq if len(tr) >= d_opq else opq_latent_dim(len(tr), d, nbytes), "opq"))

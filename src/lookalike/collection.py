@@ -47,7 +47,9 @@ import numpy as np
 
 from ._io import atomic_path, write_json_atomic
 from ._version import __version__
+from . import flatscan
 from .errors import LookalikeError, check_k
+from .numeric import best_first
 from .paths import confined
 
 log = logging.getLogger(__name__)
@@ -348,9 +350,6 @@ class Collection:
         stays faiss's choice); a Flat inner-product index is scanned by onnxruntime instead for
         fewer than ``flatscan.FASTER_BELOW`` queries (same rows and scores up to float rounding,
         3-7x faster there, ties by row also at the cut)."""
-        from . import flatscan
-        from .numeric import best_first
-
         if self._scan is None:
             self._scan = flatscan.FlatScan() if flatscan.supports(self.index) else False
         if self._scan and len(q) < flatscan.FASTER_BELOW:

@@ -13,7 +13,7 @@ class Batcher:
     (``items``: what each request submitted, in order).
 
     After the first request it gathers until as many are here as are expected, at most
-    ``busy_wait`` seconds (``wait`` when no other is expected), then takes whatever else is queued.
+    ``busy_wait`` seconds, then takes whatever else is queued (a lone request goes at once).
     Expected: as many as the previous call answered (clients in a closed loop come back together:
     they missed the next call by a few ms and paid a whole extra call when it only waited a fixed
     2 ms) or as many as ``expected()`` says are on their way (the server counts the requests that
@@ -23,9 +23,8 @@ class Batcher:
     ~115 ms. A client that does not come back costs one call 30 ms (the next expects fewer).
     """
 
-    def __init__(self, run, max_batch: int = 32, wait: float = 0.002, busy_wait: float = 0.03, expected=None,
-                 name: str = "lookalike-batcher"):
-        self.run, self.max_batch, self.wait, self.busy_wait = run, max_batch, wait, busy_wait
+    def __init__(self, run, max_batch: int = 32, busy_wait: float = 0.03, expected=None, name: str = "lookalike-batcher"):
+        self.run, self.max_batch, self.busy_wait = run, max_batch, busy_wait
         self.expected = expected or (lambda: 0)
         self.last_size = 0
         self.queue: "queue.Queue" = queue.Queue()
@@ -51,12 +50,11 @@ class Batcher:
             start = time.monotonic()
             while len(batch) < self.max_batch:
                 expect = min(self.max_batch, max(self.last_size, self.expected()))
-                limit = self.busy_wait if expect > 1 else self.wait
                 try:
                     if len(batch) >= expect:
                         item = self.queue.get_nowait()  # all expected are here: only what is already queued
                     else:
-                        item = self.queue.get(timeout=max(0.0, start + limit - time.monotonic()))
+                        item = self.queue.get(timeout=max(0.0, start + self.busy_wait - time.monotonic()))
                 except queue.Empty:
                     break
                 if item[0] is self._STOP:

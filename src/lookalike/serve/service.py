@@ -165,7 +165,7 @@ class SearchService:
         # build the model runner and the index scan now: the first requests must not pay for them (nor
         # time out on them; the first scan of a 100k Flat index took ~0.3 s more than the next)
         warm = self.extractor.embed_images([Image.new("RGB", (64, 64), (127, 127, 127))])
-        if len(self.col):
+        if len(self.col) and warm.shape[1] == self.col.dim:  # (another model: each request gets the error)
             self.col.search(warm, 1)
 
     def __len__(self) -> int:
