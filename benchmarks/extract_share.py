@@ -13,11 +13,18 @@ batch runs first).
 
     python benchmarks/extract_share.py --data ../shared/datasets/grocery_store --n 256
     python benchmarks/extract_share.py --models lite0,sscd-mobile --n 512 --rounds 3
+    python benchmarks/extract_share.py --models lite0,sscd-mobile --old-rev f85a1ac --rounds 3
+
+``--old-rev REV`` measures each model twice in the same run, first with the code of an earlier git
+revision (a detached worktree on ``PYTHONPATH``, in a subprocess) and then with the current code
+(also in a subprocess, so both start alike): old and new rows side by side.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,19 +46,28 @@ def main():
     ap.add_argument("--n", type=int, default=256, help="photos per model")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--models", default=DEFAULT_MODELS, help="comma list; A+B is an ensemble")
+    ap.add_argument("--old-rev", default=None, help="also measure with the code of this git revision, same run")
+    ap.add_argument("--label", default=None, help=argparse.SUPPRESS)  # a row of an --old-rev run
     args = ap.parse_args()
-    from lookalike.extract import Extractor
 
     paths = images_from(Path(args.data), args.n)
-    print(f"{len(paths)} photos from {args.data}; {os.cpu_count()} cores; best of {args.rounds} rounds", flush=True)
-    print("| model | decode + prepare alone img/s | model alone img/s | end to end img/s | end to end / model alone |")
-    print("|---|---|---|---|---|")
+    if args.label is None:
+        print(f"{len(paths)} photos from {args.data}; {os.cpu_count()} cores; best of {args.rounds} rounds", flush=True)
+        print(f"| model |{' code |' if args.old_rev else ''} decode + prepare alone img/s | model alone img/s | "
+              "end to end img/s | end to end / model alone |")
+        print(f"|---|{'---|' if args.old_rev else ''}---|---|---|---|")
+    if args.old_rev:
+        compare(args)
+        return
+    from lookalike.extract import Extractor
+
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "list.txt"
         listing.write_text("".join(f"{p.resolve()}\n" for p in paths))
         for name in args.models.split(","):
             model = tuple(name.split("+")) if "+" in name else name
             ex = Extractor(model=model)
+            ex.prepare_file(paths[0])  # warm-up: imports done (torch, for the resize)
             t0 = time.perf_counter()
             prepared = [ex.prepare_file(p) for p in paths]
             decode = len(paths) / (time.perf_counter() - t0)
@@ -64,9 +80,27 @@ def main():
                 t0 = time.perf_counter()
                 res = ex.extract(listing, None, progress=False)
                 e2e.append(len(res.names) / (time.perf_counter() - t0))
-            print(f"| {name} | {decode:.1f} | {max(alone):.1f} | {max(e2e):.1f} | {max(e2e) / max(alone):.0%} |",
+            code = f" {args.label} |" if args.label else ""
+            print(f"| {name} |{code} {decode:.1f} | {max(alone):.1f} | {max(e2e):.1f} | {max(e2e) / max(alone):.0%} |",
                   flush=True)
             del ex, prepared
+
+
+def compare(args):
+    """Each model in two subprocesses: the code of ``--old-rev`` (a worktree), then the current code."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        old_src = Path(tmp) / "old"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(old_src), args.old_rev], check=True,
+                       capture_output=True)
+        try:
+            for name in args.models.split(","):
+                for label, src in ((args.old_rev, old_src / "src"), ("now", root / "src")):
+                    subprocess.run([sys.executable, __file__, "--data", args.data, "--n", str(args.n), "--rounds",
+                                    str(args.rounds), "--models", name, "--label", label], check=True,
+                                   env={**os.environ, "PYTHONPATH": str(src)})
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(old_src)], capture_output=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_photo
-from lookalike.data import BadImage, Preprocess, list_images, load_image
+import lookalike.data as data
+from lookalike.data import BadImage, Preprocess, list_images, load_array, load_image, resize_array
 from lookalike.errors import LookalikeError
 
 
@@ -154,3 +155,93 @@ def test_list_files_with_a_bom_or_not_utf8(tmp_path):
     (tmp_path / "latin.txt").write_bytes("caf\xe9.jpg\n".encode("latin-1"))
     with pytest.raises(LookalikeError, match="must be UTF-8"):
         list_images(tmp_path / "latin.txt")
+
+
+def _photo(w=160, h=120):
+    from skimage import data as skd
+
+    return Image.fromarray(skd.astronaut()).resize((w, h), Image.Resampling.LANCZOS)  # detail at every scale
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_load_array_is_load_image_for_every_exif_orientation(tmp_path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    _photo(150, 90).save(tmp_path / "o.jpg", exif=exif, quality=92)
+    data_ = (tmp_path / "o.jpg").read_bytes()
+    assert data._jpeg_array(data_, None, None) is not None  # the simplejpeg path, not the fallback
+    want = np.array(load_image(tmp_path / "o.jpg"))
+    got = load_array(tmp_path / "o.jpg")
+    assert got.shape == want.shape == ((150, 90, 3) if orientation >= 5 else (90, 150, 3))
+    assert (got == want).all()
+
+
+@pytest.mark.parametrize("kind", ["420", "444", "422", "progressive", "grey", "big"])
+def test_load_array_matches_pillow_pixel_for_pixel(tmp_path, kind):
+    """Same pixels as Pillow's decode, at full size and at every reduced (draft) scale."""
+    im, kw = _photo(), dict(quality=90)
+    if kind in ("420", "444", "422"):
+        kw["subsampling"] = {"444": 0, "422": 1, "420": 2}[kind]
+    elif kind == "progressive":
+        kw["progressive"] = True
+    elif kind == "grey":
+        im = im.convert("L")
+    else:
+        im = _photo(1200, 700)
+    im.save(tmp_path / "p.jpg", **kw)
+    for min_side in (None, 32, 64, 90, 121, 224, 5000):
+        assert data._jpeg_array((tmp_path / "p.jpg").read_bytes(), min_side, None) is not None
+        want = np.array(load_image(tmp_path / "p.jpg", min_side=min_side))
+        got = load_array(tmp_path / "p.jpg", min_side=min_side)
+        assert got.shape == want.shape and (got == want).all(), (kind, min_side)
+    if kind == "big":  # the draft scales were used: 1/8 for 64, 1/2 for 224 (700 // 224 = 3)
+        assert load_array(tmp_path / "p.jpg", min_side=64).shape == (88, 150, 3)
+        assert load_array(tmp_path / "p.jpg", min_side=224).shape == (350, 600, 3)
+
+
+def test_load_array_falls_back_to_pillow(tmp_path, monkeypatch):
+    """CMYK JPEGs and other formats go through Pillow; faults get load_image's reasons."""
+    _photo().convert("CMYK").save(tmp_path / "cmyk.jpg")
+    _photo().save(tmp_path / "a.png")
+    _photo().save(tmp_path / "not_really.png", "JPEG")  # a JPEG whatever its name says
+    assert data._jpeg_array((tmp_path / "cmyk.jpg").read_bytes(), None, None) is None
+    for n in ("cmyk.jpg", "a.png", "not_really.png"):
+        want = np.array(load_image(tmp_path / n))
+        got = load_array(tmp_path / n)
+        assert got.shape == want.shape and got.dtype == np.uint8 and (got == want).all(), n
+    buf = io.BytesIO()
+    _photo().save(buf, "JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    for n, reason in (("trunc.jpg", "truncated"), ("empty.jpg", "empty"), ("missing.jpg", "not found")):
+        with pytest.raises(BadImage, match=reason):
+            load_array(tmp_path / n)
+    with pytest.raises(BadImage, match="more than the 100 allowed"):  # the caller's pixel cap
+        load_array(tmp_path / "not_really.png", max_pixels=100)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # and Pillow's bomb guard
+    with pytest.raises(BadImage, match="decompression"):
+        load_array(tmp_path / "not_really.png")
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 200), (300, 40), (1, 1), (640, 480), (17, 3)])
+def test_resize_array_is_pillows_bilinear_within_one_level(size):
+    """torch's uint8 kernel against Pillow's BILINEAR (its reference), shrinking and enlarging."""
+    for src in (_photo(348, 348), _photo(1000, 750), _photo(40, 30), _photo(5, 400)):
+        want = np.asarray(src.resize(size, Image.Resampling.BILINEAR)).astype(int)
+        got = resize_array(src, *size)
+        assert got.shape == (size[1], size[0], 3) and got.dtype == np.uint8 and got.flags.c_contiguous
+        diff = np.abs(got.astype(int) - want)
+        # rounding: 0-1 % of values one level off for photo-like shrinking, up to 16 % when the aspect
+        # changes 10-fold; no antialiasing or shifted pixel centres would be tens of levels off
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.2, (src.size, size, diff.max(), (diff > 0).mean())
+    a = np.asarray(_photo(50, 40))[::-1]  # a read-only, negatively strided view is fine too
+    assert (resize_array(a, 25, 20) == resize_array(Image.fromarray(np.ascontiguousarray(a)), 25, 20)).all()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "letterbox", "crop"])
+def test_preprocess_takes_arrays_and_pil_images_alike(mode):
+    for w, h in ((348, 348), (500, 200), (90, 300)):
+        img = _photo(w, h)
+        pre = Preprocess(224, mode)
+        for scale in (1.0, 0.75):
+            assert (pre(np.asarray(img), scale) == pre(img, scale)).all()

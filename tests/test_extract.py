@@ -152,27 +152,28 @@ def test_unknown_engine_and_precision():
 def test_unreadable_files_and_folders_are_listed_with_their_reason(tmp_path, monkeypatch):
     """Permissions are simulated (the tests may run as root, who reads everything): the operating
     system's errors are raised where it would raise them."""
+    import builtins
+    import io
     import os
-
-    import lookalike.data as data
 
     make_set(tmp_path / "imgs", n_classes=2, per_class=2)
     (tmp_path / "imgs" / "locked").mkdir()
     make_photo(9).save(tmp_path / "imgs" / "locked" / "x.jpg")
-    real_scandir, real_open = os.scandir, data.Image.open
+    real_scandir, real_open = os.scandir, builtins.open
 
     def scandir(path="."):
         if str(path).endswith("locked"):
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    def image_open(fp, *a, **k):
+    def file_open(fp, *a, **k):  # every reader of the file (pathlib, Pillow) goes through this
         if str(fp).endswith("img_0_0.jpg"):
             raise PermissionError(13, "Permission denied", str(fp))
         return real_open(fp, *a, **k)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    monkeypatch.setattr(data.Image, "open", image_open)
+    monkeypatch.setattr(builtins, "open", file_open)
+    monkeypatch.setattr(io, "open", file_open)
     r = Extractor(model="lite0", image_size=64).extract(tmp_path / "imgs", tmp_path / "f.h5", progress=False)
     reasons = dict(r.skipped)
     assert reasons["locked/"] == "folder cannot be read: permission denied"
@@ -188,3 +189,17 @@ def test_a_folder_of_only_broken_files_still_writes_its_skipped_list(tmp_path):
         Extractor(model="lite0", image_size=64).extract(tmp_path / "imgs", tmp_path / "f.h5", progress=False)
     text = (tmp_path / "f.skipped.csv").read_text()
     assert "a.jpg" in text and "b.png" in text and "empty file" in text
+
+
+def test_fingerprint_names_the_resampler(monkeypatch):
+    """Features made with another resize (Pillow's, before) are never reused as today's; the
+    embedding space (model_id) is the same, so collections stay compatible."""
+    import importlib
+
+    extract = importlib.import_module("lookalike.extract")  # the module (the package exports a function of that name)
+    cfg = ExtractConfig(model="lite0")
+    ens = ExtractConfig(model=("lite0", "sscd-mobile"))
+    before, before_ens, space = cfg.fingerprint(), ens.fingerprint(), cfg.model_id()
+    monkeypatch.setattr(extract, "RESAMPLER", "bilinear/pillow")
+    assert cfg.fingerprint() != before and ens.fingerprint() != before_ens
+    assert cfg.model_id() == space

@@ -3,9 +3,19 @@
 Decoding is Pillow's; what is written here is the policy around it: which files count as images,
 how every colour mode becomes 8-bit RGB, reduced-size JPEG decoding (``Image.draft``), and the
 aspect-ratio buckets that keep the whole photo instead of cutting it with a centre crop.
+
+For extraction, JPEGs are decoded by simplejpeg (libjpeg-turbo straight into a numpy array): the
+same library and settings as Pillow's JPEG decoder, so the same pixels, in about half the time
+(``load_array``; every other format, and any JPEG it refuses, goes through Pillow).
+
+Resizing is Pillow's bilinear filter (antialiased when shrinking) computed by PyTorch's vectorised
+uint8 kernel (``interpolate(..., antialias=True)`` on a channels-last view): the same filter, pixels
+within 1 of Pillow's, at a sixth of the time (0.15 against 0.9 ms for 348² → 224² here).
 """
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import math
 import os
@@ -174,8 +184,110 @@ def load_image(path, min_side: int | None = None, max_pixels: int | None = None)
         raise BadImage(f"corrupt: {type(e).__name__}: {e}") from None
 
 
+RESAMPLER = "bilinear-aa/torch"  # in every feature fingerprint: features made with Pillow's resize are not reused
+
+
+def resize_array(img: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
+    """An RGB image (PIL, or a uint8 ``(h, w, 3)`` array) resized to a uint8 ``(height, width, 3)``
+    array with the bilinear filter (antialiased when shrinking, as Pillow's ``BILINEAR``)."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(img, np.ndarray):
+        a = img if img.flags.c_contiguous and img.flags.writeable else np.array(img)  # torch wants both
+    else:
+        a = np.array(img if img.mode == "RGB" else img.convert("RGB"))
+    if a.shape[:2] == (height, width):
+        return a
+    # (1, H, W, 3) seen as NCHW has channels-last strides: torch then keeps that layout, takes its
+    # SIMD uint8 path, and the result viewed back as HWC is contiguous (no copy)
+    x = torch.from_numpy(a)[None].permute(0, 3, 1, 2)
+    y = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return np.ascontiguousarray(y.permute(0, 2, 3, 1)[0].numpy())
+
+
+# EXIF orientation -> the numpy view that undoes it (what ImageOps.exif_transpose does to a PIL image)
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: a.transpose(1, 0, 2)[:, ::-1],
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: a.transpose(1, 0, 2)[::-1],
+}
+
+
+def load_array(path, min_side: int | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """:func:`load_image` as a uint8 ``(h, w, 3)`` array, the same pixels, faster for JPEGs.
+
+    A baseline or progressive JPEG in YCbCr or grey is decoded by simplejpeg, at the reduced scale
+    Pillow's ``draft`` would choose, and its EXIF orientation (read by Pillow, only when the file has
+    an EXIF block) applied to the array. Anything else
+    (other formats, CMYK, a JPEG simplejpeg refuses even for a recoverable fault) goes through
+    :func:`load_image`, which also gives the reason an image is unusable.
+    """
+    if isinstance(path, (str, os.PathLike)):
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            data = b""  # load_image names the reason
+        if data[:3] == b"\xff\xd8\xff":
+            a = _jpeg_array(data, min_side, max_pixels)
+            if a is not None:
+                return a
+        if data:
+            path = io.BytesIO(data)
+    return np.array(load_image(path, min_side=min_side, max_pixels=max_pixels))
+
+
+def _jpeg_array(data: bytes, min_side, max_pixels) -> np.ndarray | None:
+    import simplejpeg
+
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except Exception:
+        return None
+    cap = Image.MAX_IMAGE_PIXELS
+    if colorspace not in ("YCbCr", "Gray") or (max_pixels and w * h > max_pixels) or (cap and w * h > cap):
+        return None  # CMYK/YCCK, or over a pixel limit: Pillow converts, or names the limit
+    orientation = 1
+    if b"Exif\x00\x00" in data:  # every EXIF block starts so; without one there is no orientation to read
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # header and EXIF only
+                if im.format not in ("JPEG", "MPO") or im.size != (w, h):
+                    return None
+                orientation = im.getexif().get(0x0112, 1)
+        except Exception:
+            return None
+    s = 1
+    if min_side:  # the scale JpegImagePlugin.draft picks: a power of two, sides kept >= min_side
+        ratio = min(w // min_side, h // min_side)
+        s = next((f for f in (8, 4, 2) if ratio >= f), 1)
+    try:
+        a = simplejpeg.decode_jpeg(data, "RGB", min_width=-(-w // s), min_height=-(-h // s))
+    except Exception:  # any doubt (strict: even a recoverable fault): Pillow decides, and names the fault
+        return None
+    if a.shape != (-(-h // s), -(-w // s), 3):
+        return None
+    return _ORIENT[orientation](a) if orientation in _ORIENT else a
+
+
 def _round32(x: float) -> int:
     return max(32, int(round(x / 32.0)) * 32)
+
+
+@functools.lru_cache(maxsize=64)
+def _buckets(size: int, mode: str, scale: float) -> tuple[tuple[int, int], ...]:
+    s = size * scale
+    if mode != "bucket":
+        return ((_round32(s), _round32(s)),)
+    shapes = []
+    for r in (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0):  # width / height
+        shape = (_round32(s / math.sqrt(r)), _round32(s * math.sqrt(r)))
+        if shape not in shapes:
+            shapes.append(shape)
+    return tuple(shapes)
 
 
 @dataclass(frozen=True)
@@ -205,40 +317,33 @@ class Preprocess:
 
     def buckets(self, scale: float = 1.0) -> list[tuple[int, int]]:
         """(height, width) shapes for a given scale; aspect ratios 1:2 … 2:1."""
-        s = self.size * scale
-        if self.mode != "bucket":
-            return [(_round32(s), _round32(s))]
-        shapes = []
-        for r in (0.5, 2 / 3, 0.75, 1.0, 4 / 3, 1.5, 2.0):  # width / height
-            shape = (_round32(s / math.sqrt(r)), _round32(s * math.sqrt(r)))
-            if shape not in shapes:
-                shapes.append(shape)
-        return shapes
+        return list(_buckets(self.size, self.mode, scale))
 
     def decode_side(self, scales=(1.0,)) -> int:
         """The smallest side a reduced-size decode must keep to serve every scale without upsampling."""
         big = max(max(h, w) for sc in scales for h, w in self.buckets(sc))
         return int(big / self.crop_pct) + 1 if self.mode == "crop" else big
 
-    def __call__(self, img: Image.Image, scale: float = 1.0) -> np.ndarray:
-        w, h = img.size
+    def __call__(self, img: Image.Image | np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """An RGB image (PIL, or a uint8 ``(h, w, 3)`` array) -> the model's uint8 array."""
+        h, w = (img.shape[0], img.shape[1]) if isinstance(img, np.ndarray) else (img.height, img.width)
         if self.mode == "crop":
             side = _round32(self.size * scale)
             short = side / self.crop_pct
             f = short / min(w, h)
             nw, nh = max(side, round(w * f)), max(side, round(h * f))
-            img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+            a = resize_array(img, nw, nh)
             left, top = (nw - side) // 2, (nh - side) // 2
-            return np.asarray(img.crop((left, top, left + side, top + side)))
-        shapes = self.buckets(scale)
+            return np.ascontiguousarray(a[top : top + side, left : left + side])
+        shapes = _buckets(self.size, self.mode, scale)
         aspect = math.log(w / h)
         bh, bw = min(shapes, key=lambda s: abs(math.log(s[1] / s[0]) - aspect))
         f = min(bw / w, bh / h)
         nw, nh = max(1, min(bw, round(w * f))), max(1, min(bh, round(h * f)))
-        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+        a = resize_array(img, nw, nh)
         if (nh, nw) == (bh, bw):
-            return np.asarray(img)
+            return a
         out = np.full((bh, bw, 3), PAD_VALUE, dtype=np.uint8)
         top, left = (bh - nh) // 2, (bw - nw) // 2
-        out[top : top + nh, left : left + nw] = np.asarray(img)
+        out[top : top + nh, left : left + nw] = a
         return out

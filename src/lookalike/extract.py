@@ -25,7 +25,7 @@ import numpy as np
 from ._version import __version__
 from ._io import atomic_path, write_text_atomic
 from .catalog import BUILTIN_POOLINGS, is_lite, names_code, refuse_code, is_trained_model, lite_weights_file, trained_weights_file, weights_digest
-from .data import BadImage, ImageEntry, Preprocess, file_signature, list_images, load_image
+from .data import RESAMPLER, BadImage, ImageEntry, Preprocess, file_signature, list_images, load_array
 from .errors import LookalikeError, comma_choices
 from .numeric import l2n
 from .onnx_models import ort_session
@@ -285,7 +285,7 @@ class ExtractConfig:
             key = dict(members=[m.fingerprint() for m in self.members()], weights=list(self.member_weights), ens_v=2)
         else:
             key = dict(model_id=self.model_id(), pre=self.preprocess.to_dict(), tta=sorted(self.tta),
-                       reduced_decode=self.reduced_decode)
+                       reduced_decode=self.reduced_decode, resampler=RESAMPLER)
             if self.precision != "fp32":
                 key["precision"] = self.precision
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -486,14 +486,14 @@ class Extractor:
         return self.config.preprocess.decode_side(self.config.scales)
 
     def prepare(self, img):
-        """A decoded RGB PIL image -> one uint8 array per scale (per member, for an ensemble)."""
+        """A decoded RGB image (PIL, or a uint8 array) -> one uint8 array per scale (per member, for an ensemble)."""
         if self._members:
             return tuple(m.prepare(img) for m in self._members)
         pre = self.config.preprocess
         return [pre(img, s) for s in self.config.scales]
 
     def prepare_file(self, path):
-        return self.prepare(load_image(path, min_side=self.decode_side() if self.config.reduced_decode else None))
+        return self.prepare(load_array(path, min_side=self.decode_side() if self.config.reduced_decode else None))
 
     def member_dims(self) -> list[int]:
         """Output dimension of each member (one dummy image through each, once)."""
@@ -624,7 +624,10 @@ class Extractor:
         n_new = 0
         bar = tqdm(total=len(todo), unit="img", desc=f"extract {label or Path(images).name}",
                    disable=not progress or not todo, dynamic_ncols=True, leave=False)
-        chunks = [todo[i : i + c.chunk_size] for i in range(0, len(todo), c.chunk_size)]
+        # a short first chunk: the network starts after 2 batches are decoded, not a whole chunk
+        first = min(c.chunk_size, 2 * c.batch_size)
+        chunks = [todo[:first]] + [todo[i : i + c.chunk_size] for i in range(first, len(todo), c.chunk_size)]
+        chunks = [ch for ch in chunks if ch]
         if c.executor == "ray":
             from .ray_engine import ray_chunks
 
