@@ -73,7 +73,7 @@ def main():
                 if old.names != new.names:
                     raise SystemExit(f"{model}: the two versions extracted different photos")
                 cos = np.sum(old.features * new.features, axis=1)
-                row = [model, f"{cos.mean():.5f}", f"{cos.min():.4f}"]
+                row = [model, f"{cos.mean():.5f}", f"{cos.min():.6f}"]
                 for proto in protos:
                     (qo, go), (qn, gn) = (features_for(s.names, s.features, proto) for s in (old, new))
                     to, tn = top10(qo, go), top10(qn, gn)

@@ -245,3 +245,76 @@ def test_preprocess_takes_arrays_and_pil_images_alike(mode):
         pre = Preprocess(224, mode)
         for scale in (1.0, 0.75):
             assert (pre(np.asarray(img), scale) == pre(img, scale)).all()
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    import struct
+
+    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+
+def test_load_array_reads_an_orientation_kept_only_in_xmp(tmp_path):
+    """Pillow's getexif falls back to XMP's tiff:Orientation; load_image rotates, so must load_array."""
+    xmp = (b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF "
+           b"xmlns:rdf='http://www.w3.org/1999/02/22-rdf-syntax-ns#'><rdf:Description "
+           b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    buf = io.BytesIO()
+    _photo(150, 90).save(buf, "JPEG")
+    raw = buf.getvalue()
+    (tmp_path / "x.jpg").write_bytes(raw[:2] + _segment(0xE1, xmp) + raw[2:])
+    assert b"Exif\x00\x00" not in (tmp_path / "x.jpg").read_bytes()
+    want = np.array(load_image(tmp_path / "x.jpg"))
+    assert want.shape == (150, 90, 3)  # rotated
+    assert (load_array(tmp_path / "x.jpg") == want).all()
+
+
+def test_load_array_multi_picture_and_tiny_files_as_pillow(tmp_path):
+    """An MPO is never drafted by Pillow; a JPEG under 8 pixels could be scaled by another n/8."""
+    _photo(400, 300).save(tmp_path / "m.jpg", "MPO", save_all=True, append_images=[_photo(400, 300)])
+    assert Image.open(tmp_path / "m.jpg").format == "MPO"
+    for side in (3, 5, 7):
+        _photo(side, side).save(tmp_path / f"t{side}.jpg", quality=95)
+    for name, min_side in (("m.jpg", 100), ("t3.jpg", 1), ("t5.jpg", 1), ("t7.jpg", 3)):
+        want = np.array(load_image(tmp_path / name, min_side=min_side))
+        got = load_array(tmp_path / name, min_side=min_side)
+        assert got.shape == want.shape and (got == want).all(), name
+
+
+def test_load_array_does_not_read_special_files(tmp_path):
+    """A FIFO named like a photo is refused at once (load_image's reason), not read until it closes."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(BadImage, match="empty"):
+        load_array(tmp_path / "pipe.jpg")
+
+
+def test_jpegs_go_through_pillow_when_the_two_decoders_disagree(tmp_path, monkeypatch, caplog):
+    import simplejpeg
+
+    _photo().save(tmp_path / "p.jpg")
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: real(*a, **k) // 2)  # another libjpeg, say
+    data._decoders_agree.cache_clear()
+    try:
+        assert not data._decoders_agree()
+        assert "decoded by Pillow" in caplog.text
+        assert (load_array(tmp_path / "p.jpg") == np.array(load_image(tmp_path / "p.jpg"))).all()
+    finally:
+        data._decoders_agree.cache_clear()
+    monkeypatch.undo()
+    assert data._decoders_agree()
+
+
+def test_resize_array_checks_its_input_and_returns_a_new_array():
+    a = np.ascontiguousarray(np.asarray(_photo(40, 30)))
+    same = resize_array(a, 40, 30)
+    assert same is not a and (same == a).all() and same.flags.c_contiguous
+    t = a.transpose(1, 0, 2)  # a view, not C-ordered
+    assert resize_array(t, 30, 40).flags.c_contiguous
+    for bad in (a.astype(np.float64), a[..., :2], a[..., 0]):
+        with pytest.raises(ValueError, match="uint8"):
+            resize_array(bad, 20, 15)
+    rgba = _photo(40, 30).convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: white, as load_image composites it
+    assert (resize_array(rgba, 20, 15) == 255).all()
