@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from oldcode import ROOT, old_source  # noqa: E402
 from protocols import features_for, protocols, write_listing  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import sys
 from lookalike import Extractor
@@ -56,34 +56,27 @@ def main():
     print("| model | cos old/new mean | worst | books: same top-10 | books old → new | "
           "grocery: same top-10 | grocery old → new | wall s old / new (with start-up) |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, old_source(args.old_rev) as old_src:
         tmp = Path(tmp)
         listing = write_listing(tmp / "all.txt")
-        old_src = tmp / "old"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_src), args.old_rev], check=True,
-                       capture_output=True)
-        try:
-            for model in args.models.split(","):
-                secs, stores = [], []
-                for label, src in (("old", old_src / "src"), ("new", ROOT / "src")):
-                    out = tmp / f"{model}-{label}.h5"
-                    secs.append(extract(src, model, listing, out))
-                    stores.append(read_store(out))
-                old, new = stores
-                if old.names != new.names:
-                    raise SystemExit(f"{model}: the two versions extracted different photos")
-                cos = np.sum(old.features * new.features, axis=1)
-                row = [model, f"{cos.mean():.5f}", f"{cos.min():.6f}"]
-                for proto in protos:
-                    (qo, go), (qn, gn) = (features_for(s.names, s.features, proto) for s in (old, new))
-                    to, tn = top10(qo, go), top10(qn, gn)
-                    same = np.mean([set(a) == set(b) for a, b in zip(to, tn)])
-                    row += [f"{same:.1%}", f"{proto.score(to)['digix_score']:.4f} → {proto.score(tn)['digix_score']:.4f}"]
-                row.append(f"{secs[0]:.0f} / {secs[1]:.0f}")
-                print("| " + " | ".join(row) + " |", flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_src)], capture_output=True)
-
+        for model in args.models.split(","):
+            secs, stores = [], []
+            for label, src in (("old", old_src), ("new", ROOT / "src")):
+                out = tmp / f"{model}-{label}.h5"
+                secs.append(extract(src, model, listing, out))
+                stores.append(read_store(out))
+            old, new = stores
+            if old.names != new.names:
+                raise SystemExit(f"{model}: the two versions extracted different photos")
+            cos = np.sum(old.features * new.features, axis=1)
+            row = [model, f"{cos.mean():.5f}", f"{cos.min():.6f}"]
+            for proto in protos:
+                (qo, go), (qn, gn) = (features_for(s.names, s.features, proto) for s in (old, new))
+                to, tn = top10(qo, go), top10(qn, gn)
+                same = np.mean([set(a) == set(b) for a, b in zip(to, tn)])
+                row += [f"{same:.1%}", f"{proto.score(to)['digix_score']:.4f} → {proto.score(tn)['digix_score']:.4f}"]
+            row.append(f"{secs[0]:.0f} / {secs[1]:.0f}")
+            print("| " + " | ".join(row) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -88,20 +88,15 @@ def main():
 
 def compare(args):
     """Each model in two subprocesses: the code of ``--old-rev`` (a worktree), then the current code."""
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        old_src = Path(tmp) / "old"
-        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(old_src), args.old_rev], check=True,
-                       capture_output=True)
-        try:
-            for name in args.models.split(","):
-                for label, src in ((args.old_rev, old_src / "src"), ("now", root / "src")):
-                    subprocess.run([sys.executable, __file__, "--data", args.data, "--n", str(args.n), "--rounds",
-                                    str(args.rounds), "--models", name, "--label", label], check=True,
-                                   env={**os.environ, "PYTHONPATH": str(src)})
-        finally:
-            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(old_src)], capture_output=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from oldcode import ROOT, old_source
 
+    with old_source(args.old_rev) as old_src:
+        for name in args.models.split(","):
+            for label, src in ((args.old_rev, old_src), ("now", ROOT / "src")):
+                subprocess.run([sys.executable, __file__, "--data", args.data, "--n", str(args.n), "--rounds",
+                                str(args.rounds), "--models", name, "--label", label], check=True,
+                               env={**os.environ, "PYTHONPATH": str(src)})
 
 if __name__ == "__main__":
     main()

@@ -289,11 +289,12 @@ def _jpeg_array(data: bytes, min_side, max_pixels) -> np.ndarray | None:
         s = next((f for f in (8, 4, 2) if ratio >= f), 1)
         if s > 1 and max(w, h) < 8:
             return None  # simplejpeg could meet the same sizes with another n/8 scale than 1/s
+    oh, ow = -(-h // s), -(-w // s)  # the size Pillow's draft gives
     try:
-        a = simplejpeg.decode_jpeg(data, "RGB", min_width=-(-w // s), min_height=-(-h // s))
+        a = simplejpeg.decode_jpeg(data, "RGB", min_width=ow, min_height=oh)
     except Exception:  # any doubt (strict: even a recoverable fault): Pillow decides, and names the fault
         return None
-    if a.shape != (-(-h // s), -(-w // s), 3):
+    if a.shape != (oh, ow, 3):
         return None
     return _ORIENT[orientation](a) if orientation in _ORIENT else a
 

@@ -412,7 +412,7 @@ class Extractor:
         self._runner = None
         self.engine = None
         self._members = [Extractor(m) for m in self.config.members()] if self.config.is_ensemble else None
-        self._plan_cache = None
+        self._plan_key = self._plan_value = None
         self._dims: list[int] | None = list(member_dims) if member_dims else None
 
     # --- network
@@ -487,20 +487,20 @@ class Extractor:
         return self.config.preprocess.decode_side(self.config.scales)
 
     def _plan(self):
-        """(preprocess, scales, decode side or None), worked out once per settings: it costs tens of
-        microseconds, and prepare runs per photo. Keyed on the settings, so never stale."""
+        """(preprocess, scales, decode side or None): worked out once per settings, since prepare runs
+        per photo and this costs tens of microseconds; keyed on the settings, so never stale."""
         c = self.config
         key = (c.model, c.image_size, c.resize, tuple(c.tta), c.reduced_decode)
-        if self._plan_cache is None or self._plan_cache[0] != key:
-            pre = None if self._members else (c.preprocess, c.scales)
-            self._plan_cache = (key, pre, self.decode_side() if c.reduced_decode else None)
-        return self._plan_cache
+        if self._plan_key != key:
+            pre, scales = (None, None) if self._members else (c.preprocess, c.scales)
+            self._plan_key, self._plan_value = key, (pre, scales, self.decode_side() if c.reduced_decode else None)
+        return self._plan_value
 
     def prepare(self, img):
         """A decoded RGB image (PIL, or a uint8 array) -> one uint8 array per scale (per member, for an ensemble)."""
         if self._members:
             return tuple(m.prepare(img) for m in self._members)
-        pre, scales = self._plan()[1]
+        pre, scales, _ = self._plan()
         return [pre(img, s) for s in scales]
 
     def prepare_file(self, path):
